@@ -1,0 +1,386 @@
+"""Lazy reading and streaming writing of model tensors.
+
+Sources (read one tensor at a time): a Hugging Face folder (single or sharded safetensors
+with ``model.safetensors.index.json``, or ``pytorch_model.bin``, sharded too), a single
+``.safetensors`` / ``.pt`` / ``.bin`` file, or, in Python, a state dict or ``nn.Module``.
+
+Writing: :class:`StreamingSafetensorsWriter` writes a safetensors file whose tensors are
+all declared up front, so each tensor is written as soon as it is computed and memory
+never holds more than one of them (the ``safetensors`` library only writes whole dicts).
+:func:`write_sharded` plans shards and an index the way ``transformers`` reads them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+
+from .errors import CmergeError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CmergeError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}.") from None
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class TensorSource:
+    """A model whose tensors are read lazily, by name. Subclasses fill ``_meta`` and ``_read``."""
+
+    description: str = "model"
+    folder: Path | None = None  # where config / tokenizer files live, if any
+
+    def __init__(self) -> None:
+        self._meta: dict[str, TensorMeta] = {}
+
+    def keys(self) -> list[str]:
+        return sorted(self._meta)
+
+    def meta(self, name: str) -> TensorMeta:
+        return self._meta[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._meta:
+            raise CmergeError(f"{self.description} has no tensor named {name!r}.")
+        try:
+            return self._read(name)
+        except CmergeError:
+            raise
+        except Exception as exc:  # truncated or corrupt data surfaces here
+            raise CmergeError(f"could not read tensor {name!r} from {self.description} ({exc}).") from exc
+
+    def _read(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+
+class MappingSource(TensorSource):
+    """An in-memory state dict (or a module's), read without copies."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], description: str = "state dict") -> None:
+        super().__init__()
+        self.description = description
+        self._tensors = {}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise CmergeError(f"{description}: entry {name!r} is a {type(t).__name__}, not a tensor.")
+            self._tensors[name] = t
+            self._meta[name] = TensorMeta(tuple(t.shape), t.dtype)
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach()
+
+
+class SafetensorsSource(TensorSource):
+    """One or more safetensors files, opened lazily (memory-mapped)."""
+
+    def __init__(self, files: Sequence[Path], description: str, folder: Path | None = None) -> None:
+        super().__init__()
+        self.description = description
+        self.folder = folder
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+                names = list(h.keys())
+                for n in names:
+                    sl = h.get_slice(n)
+                    dt = _ST_DTYPES.get(sl.get_dtype())
+                    if dt is None:
+                        raise CmergeError(f"{f}: tensor {n!r} has unsupported dtype {sl.get_dtype()}.")
+                    self._meta[n] = TensorMeta(tuple(sl.get_shape()), dt)
+                    self._where[n] = f
+            except CmergeError:
+                raise
+            except Exception as exc:
+                raise CmergeError(f"could not read {f}: not a valid safetensors file ({exc}).") from exc
+            self._handles[f] = h
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+class TorchFileSource(TensorSource):
+    """``.bin`` / ``.pt`` files saved by ``torch.save``; memory-mapped when the format allows."""
+
+    def __init__(self, files: Sequence[Path], description: str, folder: Path | None = None) -> None:
+        super().__init__()
+        self.description = description
+        self.folder = folder
+        self._tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            obj = _torch_load(f)
+            for n, t in obj.items():
+                self._tensors[n] = t
+                self._meta[n] = TensorMeta(tuple(t.shape), t.dtype)
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zipfile" not in str(exc):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CmergeError(f"could not read {path}: not a readable torch checkpoint ({exc}).") from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CmergeError(f"{path} does not hold a state dict of tensors.")
+    return dict(obj)
+
+
+def open_source(model: object, description: str | None = None) -> TensorSource:
+    """Open a model for lazy reading: a path (folder or file), a state dict or an ``nn.Module``."""
+    if isinstance(model, TensorSource):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return MappingSource(model.state_dict(), description or f"module {type(model).__name__}")
+    if isinstance(model, Mapping):
+        return MappingSource(model, description or "state dict")
+    if isinstance(model, (str, os.PathLike)):
+        return _open_path(Path(model), description)
+    raise CmergeError(f"cannot read a model from a {type(model).__name__}; pass a path, a state dict or a module.")
+
+
+def _open_path(path: Path, description: str | None) -> TensorSource:
+    desc = description or str(path)
+    if not path.exists():
+        raise CmergeError(f"{path} does not exist.")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return SafetensorsSource([path], desc)
+        if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            return TorchFileSource([path], desc)
+        raise CmergeError(f"{path}: unknown weight file type {path.suffix!r} (expected .safetensors, .bin or .pt).")
+    for index_name, cls in ((SAFETENSORS_INDEX, SafetensorsSource), (TORCH_INDEX, TorchFileSource)):
+        index = path / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except Exception as exc:
+                raise CmergeError(f"{index} is not a valid shard index ({exc}).") from exc
+            files = [path / f for f in sorted(set(weight_map.values()))]
+            missing = [str(f) for f in files if not f.exists()]
+            if missing:
+                raise CmergeError(f"{index} names shard {missing[0]}, which does not exist.")
+            return cls(files, desc, folder=path)
+    for name, cls in (("model.safetensors", SafetensorsSource), ("pytorch_model.bin", TorchFileSource)):
+        if (path / name).exists():
+            return cls([path / name], desc, folder=path)
+    found = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    if len(found) == 1:
+        return SafetensorsSource(found, desc, folder=path)
+    raise CmergeError(f"{path} holds no model weights (model.safetensors, a shard index or pytorch_model.bin).")
+
+
+# ---------------------------------------------------------------- hashing
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is contiguous."""
+    t = t.detach().contiguous().reshape(-1)
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def tensor_digest(name: str, t: torch.Tensor) -> bytes:
+    """sha256 over a tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(f"{name}|{dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
+    h.update(tensor_bytes(t))
+    return h.digest()
+
+
+def combine_digests(digests: Mapping[str, bytes]) -> str:
+    """One content hash for a model from its per-tensor digests (independent of read order)."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(digests[name])
+    return h.hexdigest()
+
+
+def content_hash(source: TensorSource) -> str:
+    """The content hash of every tensor of a model (reads each tensor once)."""
+    return combine_digests({n: tensor_digest(n, source.get(n)) for n in source.keys()})
+
+
+# ---------------------------------------------------------------- writing
+
+def _header_bytes(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = TensorMeta(tuple(shape), dtype).nbytes
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file tensor by tensor, in the declared order.
+
+    The header (names, dtypes, shapes, offsets) is written first from ``specs``; each
+    :meth:`write` appends one tensor's bytes, so at most one tensor is held in memory.
+    """
+
+    def __init__(self, path: Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self._specs = list(specs)
+        self._next = 0
+        self._file = open(self.path, "wb")
+        self._file.write(_header_bytes(self._specs, metadata or {}))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, exp_dtype, exp_shape = self._specs[self._next]
+        if name != exp_name or tensor.dtype != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
+            raise ValueError(f"expected {exp_name} {exp_dtype} {exp_shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._file.write(tensor_bytes(tensor))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._specs):
+            self._file.close()
+            raise ValueError(f"{self.path}: only {self._next} of {len(self._specs)} tensors were written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a plain byte count."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            num = s[: -len(unit)]
+            break
+    else:
+        num, mult = s, 1
+    try:
+        value = float(num)
+    except ValueError:
+        raise CmergeError(f"cannot read the size {text!r}; write e.g. 5GB or 500MB.") from None
+    if value <= 0:
+        raise CmergeError(f"the size {text!r} must be positive.")
+    return int(value * mult)
+
+
+def plan_shards(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[tuple]]:
+    """Split tensors, in order, into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for spec in specs:
+        n = TensorMeta(tuple(spec[2]), spec[1]).nbytes
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    return shards
+
+
+def write_sharded(out_dir: Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                  tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int,
+                  metadata: Mapping[str, str] | None = None) -> list[Path]:
+    """Stream ``tensors`` (in the order of ``specs``) into ``model.safetensors`` or shards + index."""
+    out_dir = Path(out_dir)
+    shards = plan_shards(specs, max_shard_bytes)
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    it: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
+    for fname, shard in zip(names, shards):
+        writer = StreamingSafetensorsWriter(out_dir / fname, shard, meta)
+        try:
+            for _ in shard:
+                name, t = next(it)
+                writer.write(name, t)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    if len(shards) > 1:
+        weight_map = {spec[0]: fname for fname, shard in zip(names, shards) for spec in shard}
+        total = sum(TensorMeta(tuple(s[2]), s[1]).nbytes for s in specs)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [out_dir / n for n in names]
+
+
+def is_weight_file(path: Path) -> bool:
+    return path.suffix in WEIGHT_SUFFIXES or path.name in (SAFETENSORS_INDEX, TORCH_INDEX)
+
+
+def copy_aux_files(src: Path | None, dst: Path, skip: Callable[[Path], bool] = lambda p: p.name == "README.md") -> list[str]:
+    """Copy config, tokenizer and other non-weight files (and weight-free folders) from a model folder."""
+    copied: list[str] = []
+    if src is None or not Path(src).is_dir():
+        return copied
+    for p in sorted(Path(src).iterdir()):
+        if p.name.startswith(".") or skip(p):
+            continue
+        if p.is_file() and not is_weight_file(p):
+            shutil.copy2(p, dst / p.name)
+            copied.append(p.name)
+        elif p.is_dir() and not any(is_weight_file(q) for q in p.rglob("*") if q.is_file()):
+            shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
+            copied.append(p.name + "/")
+    return copied

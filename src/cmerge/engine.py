@@ -1,0 +1,228 @@
+"""Streams a model through a method, one tensor at a time.
+
+A step reads, for each tensor name in sorted order, the base tensor, the method's
+accumulators and the incoming tensor; applies the method's rule in the compute dtype on
+the chosen device; hands the new accumulators to a sink; and adds up the global sums.
+A background thread reads (and hashes) the next tensors while the current one is
+computed, so memory holds a few tensors, never a model.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import TensorMeta, TensorSource, combine_digests, dtype_name, tensor_digest
+from .errors import CmergeError
+from .layers import PASSTHROUGH, is_projected
+from .methods.base import Method, TensorStep, sq_norm
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The base model's tensors: names (sorted), shapes/dtypes, and kinds (layers.py)."""
+
+    metas: Mapping[str, TensorMeta]
+    kinds: Mapping[str, str]
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.metas)
+
+    def merged_names(self) -> list[str]:
+        return [n for n in self.names if self.kinds[n] != PASSTHROUGH]
+
+
+class AccumulatorReader(Protocol):
+    def get(self, acc: str, name: str) -> torch.Tensor: ...
+
+
+class AccumulatorSink(Protocol):
+    def put(self, acc: str, name: str, tensor: torch.Tensor) -> None: ...
+
+
+def accumulator_key(acc: str, name: str) -> str:
+    return f"{acc}/{name}"
+
+
+def accumulator_specs(plan: Plan, method: Method, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The accumulator tensors a step writes, in the order it writes them."""
+    return [(accumulator_key(a, n), dtype, plan.metas[n].shape) for n in plan.merged_names() for a in method.accumulators]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CmergeError(f"--device {device} was asked for, but no CUDA device is available.")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CmergeError(f"unknown device {device!r}; use cpu, cuda or auto.") from None
+
+
+def check_compatible(plan: Plan, source: TensorSource, what: str) -> None:
+    """Names, shapes and floating dtypes of ``source`` must match the base's; one sentence if not."""
+    have, want = set(source.keys()), set(plan.metas)
+    missing, extra = sorted(want - have), sorted(have - want)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CmergeError(f"{what} is missing tensor {missing[0]!r}{more} that the base model has.")
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CmergeError(f"{what} has tensor {extra[0]!r}{more} that the base model does not have.")
+    for name in plan.names:
+        m, b = source.meta(name), plan.metas[name]
+        if m.shape != b.shape:
+            raise CmergeError(f"{what}: tensor {name!r} has shape {list(m.shape)} but the base's is {list(b.shape)}.")
+        if b.dtype.is_floating_point and not m.dtype.is_floating_point:
+            raise CmergeError(f"{what}: tensor {name!r} has non-floating dtype {dtype_name(m.dtype)}; "
+                              f"the base's is {dtype_name(b.dtype)}.")
+        if not b.dtype.is_floating_point and m.dtype.is_floating_point:
+            raise CmergeError(f"{what}: tensor {name!r} is floating but the base's is {dtype_name(b.dtype)}.")
+
+
+def _prefetch(produce: Callable[[str], Any], names: list[str], depth: int = 2) -> Iterator[tuple[str, Any]]:
+    """Yield (name, produce(name)) computed ``depth`` items ahead in a background thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def worker() -> None:
+        try:
+            for n in names:
+                if stop.is_set():
+                    return
+                q.put((n, produce(n)))
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a worker waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+@dataclass
+class StepOutcome:
+    scalars: dict[str, Any]
+    tau_norm: float
+    incoming_sha256: str
+    base_sha256: str | None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, base: TensorSource,
+             incoming: TensorSource, acc: AccumulatorReader | None, sink: AccumulatorSink, *,
+             extras: Mapping[str, TensorSource] | None = None, compute_dtype: torch.dtype = torch.float32,
+             acc_dtype: torch.dtype = torch.float32, device: str = "cpu", hash_base: bool = True,
+             progress: bool = False, desc: str = "merging") -> StepOutcome:
+    """Fold one model into the accumulators (step ``t``, 1-based). Writes only to ``sink``."""
+    dev = resolve_device(device)
+    extras = dict(extras or {})
+    for key, src in extras.items():
+        check_extra(plan, src, key)
+    base_digests: dict[str, bytes] = {}
+    inc_digests: dict[str, bytes] = {}
+
+    def read(name: str):
+        b = base.get(name)
+        x = incoming.get(name)
+        if hash_base:
+            base_digests[name] = tensor_digest(name, b)
+        inc_digests[name] = tensor_digest(name, x)
+        if plan.kinds[name] == PASSTHROUGH:
+            return None
+        if not bool(torch.isfinite(x).all()):
+            raise CmergeError(f"{incoming.description}: tensor {name!r} contains NaN or Inf; nothing was changed.")
+        accs = {a: acc.get(a, name) for a in method.accumulators} if (acc is not None and t > 1) else {}
+        ext = {k: src.get(name) for k, src in extras.items()}
+        return b, x, accs, ext
+
+    sums: dict[str, float] = {"tau_sq": 0.0}
+    notes: dict[str, Any] = {}
+    bar = tqdm(total=len(plan.metas), desc=desc, unit="tensor", disable=not progress, leave=False)
+    try:
+        for name, item in _prefetch(read, plan.names):
+            bar.update(1)
+            if item is None:
+                continue
+            b, x, accs, ext = item
+            b = b.to(dev, compute_dtype)
+            tau = x.to(dev, compute_dtype) - b
+            step = TensorStep(name=name, t=t, base=b, tau=tau,
+                              acc={k: v.to(dev, compute_dtype) for k, v in accs.items()}, scalars=scalars,
+                              projected=is_projected(plan.kinds[name]),
+                              extra={k: v.to(dev, compute_dtype) for k, v in ext.items()})
+            update = method.rule(step)
+            sums["tau_sq"] += sq_norm(tau)
+            for k, v in update.sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if update.note is not None:
+                notes[name] = update.note
+            for a in method.accumulators:
+                sink.put(a, name, update.acc[a].to("cpu", acc_dtype))
+    finally:
+        bar.close()
+    new_scalars = method.finalize(scalars, sums, t)
+    return StepOutcome(new_scalars, sums["tau_sq"] ** 0.5, combine_digests(inc_digests),
+                       combine_digests(base_digests) if hash_base else None, notes)
+
+
+def check_extra(plan: Plan, source: TensorSource, key: str) -> None:
+    """Extra per-tensor inputs (e.g. second moments) must cover every merged tensor with its shape."""
+    for name in plan.merged_names():
+        if name not in source.keys():
+            raise CmergeError(f"{source.description} ({key}) has no tensor {name!r}.")
+        if source.meta(name).shape != plan.metas[name].shape:
+            raise CmergeError(f"{source.description} ({key}): tensor {name!r} has shape "
+                              f"{list(source.meta(name).shape)} but the base's is {list(plan.metas[name].shape)}.")
+
+
+def iter_merged(method: Method, scalars: Mapping[str, Any], plan: Plan, base: TensorSource,
+                acc: AccumulatorReader, *, dtype: torch.dtype | None = None,
+                compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
+                digests: dict[str, bytes] | None = None, progress: bool = False,
+                desc: str = "exporting") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, θ_merged tensor) in sorted order, cast to ``dtype`` (default: the base's)."""
+    dev = resolve_device(device)
+
+    def read(name: str):
+        b = base.get(name)
+        if digests is not None:
+            digests[name] = tensor_digest(name, b)
+        if plan.kinds[name] == PASSTHROUGH:
+            return b, None
+        return b, {a: acc.get(a, name) for a in method.accumulators}
+
+    bar = tqdm(total=len(plan.metas), desc=desc, unit="tensor", disable=not progress, leave=False)
+    try:
+        for name, (b, accs) in _prefetch(read, plan.names):
+            bar.update(1)
+            if accs is None:
+                yield name, b
+                continue
+            merged = method.merged(b.to(dev, compute_dtype), {k: v.to(dev, compute_dtype) for k, v in accs.items()},
+                                   scalars)
+            yield name, merged.to("cpu", dtype or plan.metas[name].dtype)
+    finally:
+        bar.close()

@@ -1,0 +1,99 @@
+"""In-memory continual merging, for research loops that never touch disk.
+
+``Merger`` runs exactly the engine and method rules that an on-disk state runs, with the
+accumulators kept in a dict. ``merge`` folds a list of models in order and returns the
+merged state dict.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .checkpoint import TensorSource, open_source, parse_dtype
+from .engine import Plan, check_compatible, iter_merged, run_step
+from .errors import CmergeError
+from .layers import classify
+from .methods import get_method
+
+
+class _DictAccumulators:
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, acc: str, name: str) -> torch.Tensor:
+        return self.data[acc][name]
+
+    def put(self, acc: str, name: str, tensor: torch.Tensor) -> None:
+        self.data.setdefault(acc, {})[name] = tensor
+
+
+class Merger:
+    """A continual merge in memory: ``Merger(base, "opcm", alpha=0.5).add(m1).add(m2).state_dict()``.
+
+    ``base`` and models are state dicts, ``nn.Module``s or paths. Parameters are the
+    method's declared ones (see ``cmerge.REGISTRY[name].params``).
+    """
+
+    def __init__(self, base: Any, method: str = "opcm", *, precision: str = "float32", device: str = "cpu",
+                 project: Sequence[str] = (), no_project: Sequence[str] = (), progress: bool = False,
+                 **params: Any) -> None:
+        self.method = get_method(method, **params)
+        self.compute_dtype = parse_dtype(precision)
+        if self.compute_dtype not in (torch.float32, torch.float64):
+            raise CmergeError(f"precision must be float32 or float64, got {precision!r}.")
+        self.device = device
+        self.progress = progress
+        self.base: TensorSource = open_source(base, description="base model")
+        metas = {n: self.base.meta(n) for n in self.base.keys()}
+        kinds, self.classified_by = classify(metas, self.base.folder, project, no_project)
+        self.plan = Plan(metas, kinds)
+        self.scalars: dict[str, Any] = self.method.initial_scalars()
+        self.steps: list[dict[str, Any]] = []
+        self._acc = _DictAccumulators()
+
+    @property
+    def kinds(self) -> Mapping[str, str]:
+        return self.plan.kinds
+
+    def add(self, model: Any, name: str | None = None, *, extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Fold one model in; returns its step entry (name, sha256, norm, lambda, t, …)."""
+        incoming = open_source(model, description=name or "incoming model")
+        check_compatible(self.plan, incoming, incoming.description)
+        missing = [k for k in self.method.extra_inputs if not extras or k not in extras]
+        if missing:
+            raise CmergeError(f"method {self.method.name!r} needs {missing[0]!r} for every model; none was given.")
+        extra_srcs = {k: open_source(v, description=f"{k} of {name or 'incoming model'}") for k, v in (extras or {}).items()}
+        t = len(self.steps) + 1
+        new = _DictAccumulators()
+        started = time.time()
+        out = run_step(self.method, self.scalars, t, self.plan, self.base, incoming, self._acc, new,
+                       extras=extra_srcs, compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype,
+                       device=self.device, hash_base=False, progress=self.progress,
+                       desc=f"step {t}: {name or 'model'}")
+        self._acc, self.scalars = new, out.scalars
+        entry = {"t": t, "name": name or f"model-{t}", "sha256": out.incoming_sha256,
+                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "seconds": round(time.time() - started, 3), "norm": out.tau_norm, "lambda": None,
+                 **self.method.step_summary(out.scalars), "protected_rank": out.notes or None}
+        self.steps.append(entry)
+        return entry
+
+    def state_dict(self, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """θ_merged as a state dict (dtype: the compute dtype unless given)."""
+        if not self.steps:
+            raise CmergeError("nothing has been merged yet; call add() first.")
+        out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else (dtype or self.compute_dtype)
+        return dict(iter_merged(self.method, self.scalars, self.plan, self.base, self._acc, dtype=out_dtype,
+                                compute_dtype=self.compute_dtype, device=self.device))
+
+
+def merge(base: Any, models: Iterable[Any], method: str = "opcm", *, names: Sequence[str] | None = None,
+          **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Fold ``models`` into ``base`` in the given order and return the merged state dict."""
+    merger = Merger(base, method, **kwargs)
+    for i, model in enumerate(models):
+        merger.add(model, name=names[i] if names else None)
+    return merger.state_dict()

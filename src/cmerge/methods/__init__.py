@@ -1,0 +1,32 @@
+"""The one registry of continual merging methods. The CLI flags and config keys come from it."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import CmergeError
+from .average import Average
+from .base import Method, Param, TensorStep, TensorUpdate
+from .magmax import MagMax
+from .opcm import OPCM
+from .task_arithmetic import TaskArithmetic
+from .ties import Ties
+
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (OPCM, Average, TaskArithmetic, Ties, MagMax)}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Add a method class to the registry (usable as a decorator)."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **params: Any) -> Method:
+    """Instantiate a registered method with validated parameters."""
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise CmergeError(f"unknown method {name!r}; choose one of {', '.join(sorted(REGISTRY))}.") from None
+    return cls(**params)
+
+
+__all__ = ["REGISTRY", "Method", "Param", "TensorStep", "TensorUpdate", "get_method", "register"]

@@ -1,0 +1,27 @@
+"""Weight averaging (SWA / model soup), continual form (paper Appendix C.1.1, Eq. 32).
+
+θ_SWA^(t) = ((t−1) θ_SWA^(t−1) + θ_t) / t, the mean of the experts (θ0 not included).
+Stored as M_t = θ_SWA^(t) − θ0, so M_t = M_{t−1} + (τ_t − M_{t−1}) / t.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .base import Method, TensorStep, TensorUpdate
+
+
+class Average(Method):
+    name = "average"
+    summary = "Running mean of the experts (SWA), Eq. 32."
+    accumulators = ("M",)
+
+    def rule(self, s: TensorStep) -> TensorUpdate:
+        if s.t == 1:
+            return TensorUpdate({"M": s.tau})
+        m = s.acc["M"]
+        return TensorUpdate({"M": m + (s.tau - m) / s.t})
+
+    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
+        return base + acc["M"]

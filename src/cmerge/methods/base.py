@@ -1,0 +1,130 @@
+"""What a continual merging method is: declared parameters, a per-tensor rule, a finalize.
+
+Every method in cmerge is "a per-tensor rule plus a few global numbers" (DESIGN.md):
+
+    new_accumulators[name] = rule(base[name], accumulators[name], incoming[name])
+    scalars = finalize(scalars, sums gathered while streaming, t)
+
+The engine streams one tensor at a time through :meth:`Method.rule`, adds up the sums it
+returns, and calls :meth:`Method.finalize` once at the end of the step. Rules are pure
+functions of tensors and numbers: no I/O, no logging.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from ..errors import CmergeError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter, declared once: the CLI flag ``--name-with-dashes`` and config key come from it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def coerce(self, value: Any, method: str) -> Any:
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            raise CmergeError(f"{method}: {self.name} must be true or false, got {value!r}.")
+        try:
+            out = self.type(value)
+        except (TypeError, ValueError):
+            raise CmergeError(f"{method}: {self.name} must be a {self.type.__name__}, got {value!r}.") from None
+        if self.choices is not None and out not in self.choices:
+            raise CmergeError(f"{method}: {self.name} must be one of {', '.join(self.choices)}, got {value!r}.")
+        return out
+
+
+@dataclass
+class TensorStep:
+    """What the rule sees for one tensor at step ``t`` (1-based), in the compute dtype."""
+
+    name: str
+    t: int
+    base: torch.Tensor
+    tau: torch.Tensor                       # task vector θ_t − θ0 of this tensor
+    acc: Mapping[str, torch.Tensor]         # this method's accumulators after step t−1 (empty at t = 1)
+    scalars: Mapping[str, Any]              # global numbers after step t−1
+    projected: bool                         # a linear-layer weight (see layers.py)
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # e.g. second moments
+
+
+@dataclass
+class TensorUpdate:
+    """The rule's answer: new accumulators, numbers to sum over tensors, per-tensor notes."""
+
+    acc: dict[str, torch.Tensor]
+    sums: dict[str, float] = field(default_factory=dict)
+    note: Any = None  # e.g. OPCM's protected rank for this weight, kept in the step log
+
+
+class Method:
+    """Base class of the registry's methods; subclasses declare the ClassVars and three functions."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    accumulators: ClassVar[tuple[str, ...]]
+    extra_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **params: Any) -> None:
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise CmergeError(f"method {self.name!r} has no parameter {unknown[0]!r}"
+                              f" (it takes: {', '.join(known) or 'none'}).")
+        self.p = {n: (p.coerce(params[n], self.name) if n in params and params[n] is not None else p.default)
+                  for n, p in known.items()}
+        self.validate()
+
+    def validate(self) -> None:
+        """Check parameter values beyond their type; raise CmergeError naming the parameter."""
+
+    def initial_scalars(self) -> dict[str, Any]:
+        return {}
+
+    def rule(self, s: TensorStep) -> TensorUpdate:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finalize(self, scalars: Mapping[str, Any], sums: Mapping[str, float], t: int) -> dict[str, Any]:
+        """Global numbers after step ``t`` from the previous ones and the streamed sums."""
+        return dict(scalars)
+
+    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
+        """θ_merged for one tensor from the base tensor and the accumulators."""
+        raise NotImplementedError  # pragma: no cover
+
+    def step_summary(self, scalars: Mapping[str, Any]) -> dict[str, Any]:
+        """Numbers worth showing in the step log (e.g. λ_t)."""
+        return {}
+
+
+def sq_norm(x: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """‖x‖² accumulated in float64, in chunks so no float64 copy of a large tensor is made."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk].to(torch.float64)
+        total += float(torch.dot(part, part))
+    return total
+
+
+def check_positive(method: str, name: str, value: float, *, allow_zero: bool = False, upper: float | None = None) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if upper is not None:
+        ok = ok and value <= upper
+    if not ok:
+        rng = f"in [{'0' if allow_zero else '>0'}, {upper}]" if upper is not None else ("≥ 0" if allow_zero else "> 0")
+        raise CmergeError(f"{method}: {name} must be {rng}, got {value}.")

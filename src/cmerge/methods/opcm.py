@@ -1,0 +1,75 @@
+"""OPCM — orthogonal projection-based continual merging (Tang et al., arXiv 2501.09522).
+
+Stored per tensor: S_t = λ_t (θ_merged − θ0). Then (Eq. 6 and 8, tensor by tensor)
+
+    S_1 = τ_1,   S_t = S_{t−1} + P_{S_{t−1}}(τ_t)
+
+with P the projection of Eq. 9 for linear-layer weights (``linalg.opcm_project``; S and
+θ_merged − θ0 share singular vectors) and the identity for every other tensor. λ_t
+(Eq. 10) is ‖S_t‖ / N̄_t with N̄_t the mean of the task-vector norms ‖τ_1‖ … ‖τ_t‖ (or
+√t, the paper's alternative), so one pass per step suffices and θ_merged = θ0 + S_t / λ_t
+(the general-term formula, Eq. 7).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from ..linalg import opcm_project
+from .base import Method, Param, TensorStep, TensorUpdate, check_positive, sq_norm
+
+
+class OPCM(Method):
+    name = "opcm"
+    summary = "Orthogonal projection + adaptive scaling (Tang et al. 2025, Algorithm 1)."
+    params = (
+        Param("alpha", float, 0.5, "projection threshold α: the top singular directions holding this share of the "
+              "merged task vector's singular-value mass are protected (Eq. 9)."),
+        Param("keep_diagonal", bool, False, "do not zero the diagonal of UᵀXV: the Jan-2025 reference code's behaviour "
+              "(its `.diag().fill_(0)` was a no-op); breaks Theorem 5.1's orthogonality."),
+        Param("drop_cross_blocks", bool, False, "also drop the cross blocks C[:k, k:] and C[k:, :k] (the strict reading "
+              "of Eq. 9); the reference keeps them."),
+        Param("scaling", str, "adaptive", "λ_t rule: 'adaptive' = ‖S_t‖ / mean task-vector norm (Eq. 10), "
+              "'sqrt_t' = √t (Sec. 4, Theorem 5.2).", ("adaptive", "sqrt_t")),
+        Param("norm_average", str, "raw", "norms averaged in N̄_t: 'raw' ‖τ_i‖ (Eq. 10, reference code) or "
+              "'projected' ‖P(τ_i)‖ (Algorithm 1, line 13).", ("raw", "projected")),
+    )
+    accumulators = ("S",)
+
+    def validate(self) -> None:
+        check_positive(self.name, "alpha", self.p["alpha"], allow_zero=True, upper=1.0)
+
+    def initial_scalars(self) -> dict[str, Any]:
+        return {"lambda": None, "norm_sum": 0.0, "mean_norm": None}
+
+    def rule(self, s: TensorStep) -> TensorUpdate:
+        note = None
+        if s.t == 1:
+            proj = s.tau
+        elif s.projected:
+            proj, k = opcm_project(s.acc["S"], s.tau, self.p["alpha"], keep_diagonal=self.p["keep_diagonal"],
+                                   drop_cross_blocks=self.p["drop_cross_blocks"])
+            note = [k, min(s.tau.shape)]
+        else:
+            proj = s.tau
+        new = proj if s.t == 1 else s.acc["S"] + proj
+        return TensorUpdate({"S": new}, {"proj_sq": sq_norm(proj), "s_sq": sq_norm(new)}, note)
+
+    def finalize(self, scalars: Mapping[str, Any], sums: Mapping[str, float], t: int) -> dict[str, Any]:
+        n_t = math.sqrt(sums["tau_sq"] if self.p["norm_average"] == "raw" else sums["proj_sq"])
+        norm_sum = scalars["norm_sum"] + n_t
+        mean_norm = norm_sum / t
+        s_norm = math.sqrt(sums["s_sq"])
+        if self.p["scaling"] == "sqrt_t":
+            lam = math.sqrt(t)
+        else:
+            lam = s_norm / mean_norm if mean_norm > 0 and s_norm > 0 else 1.0
+        return {"lambda": lam, "norm_sum": norm_sum, "mean_norm": mean_norm, "merged_norm": s_norm / lam}
+
+    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
+        return base + acc["S"] / scalars["lambda"]
+
+    def step_summary(self, scalars: Mapping[str, Any]) -> dict[str, Any]:
+        return {"lambda": scalars["lambda"], "mean_norm": scalars["mean_norm"], "merged_norm": scalars["merged_norm"]}

@@ -1,0 +1,26 @@
+"""Continual task arithmetic (paper Baseline 3.3, Eq. 5 / Eq. 35).
+
+θ_merged^(0) = θ0,  θ_merged^(t) = θ_merged^(t−1) + λ τ_t.  Stored as M_t = θ_merged^(t) − θ0.
+The paper picks λ from {0.1, …, 1.0}: 0.3 for 8 tasks, 0.1 for 14 and 20.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .base import Method, Param, TensorStep, TensorUpdate
+
+
+class TaskArithmetic(Method):
+    name = "task_arithmetic"
+    summary = "Add λ·τ_t to the merged model at every step (Eq. 35)."
+    params = (Param("lam", float, 0.3, "scaling factor λ of every task vector (paper: 0.3 for 8 tasks, 0.1 for 14/20)."),)
+    accumulators = ("M",)
+
+    def rule(self, s: TensorStep) -> TensorUpdate:
+        step = self.p["lam"] * s.tau
+        return TensorUpdate({"M": step if s.t == 1 else s.acc["M"] + step})
+
+    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
+        return base + acc["M"]
