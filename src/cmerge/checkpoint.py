@@ -70,6 +70,7 @@ class TensorSource:
 
     def __init__(self) -> None:
         self._meta: dict[str, TensorMeta] = {}
+        self.metadata: dict[str, str] = {}  # file-level metadata (safetensors ``__metadata__``)
 
     def keys(self) -> list[str]:
         return sorted(self._meta)
@@ -123,6 +124,7 @@ class SafetensorsSource(TensorSource):
         for f in files:
             try:
                 h = safe_open(str(f), framework="pt", device="cpu")
+                self.metadata.update(h.metadata() or {})
                 names = list(h.keys())
                 for n in names:
                     sl = h.get_slice(n)

@@ -35,8 +35,11 @@ def _method_params() -> dict[str, tuple[Any, list[str]]]:
 def method_options(f: Callable) -> Callable:
     """Add one ``--param-name`` option per declared method parameter (default: the method's own)."""
     for name, (p, owners) in sorted(_method_params().items(), reverse=True):
-        defaults = ", ".join(f"{o}: {REGISTRY[o]().p[name]}" for o in owners)
-        help_text = f"[{', '.join(owners)}] {p.help} (default {defaults})"
+        decls = {o: next(q for q in REGISTRY[o].params if q.name == name) for o in owners}
+        if len({d.help for d in decls.values()}) == 1:
+            help_text = f"[{', '.join(owners)}] {p.help} (default {', '.join(f'{o}: {d.default}' for o, d in decls.items())})"
+        else:
+            help_text = " | ".join(f"[{o}] {d.help} (default {d.default})" for o, d in decls.items())
         if p.type is bool:
             f = click.option(f"{p.flag}/--no-{p.flag[2:]}", name, default=None, help=help_text)(f)
         else:

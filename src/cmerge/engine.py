@@ -11,12 +11,14 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import TensorMeta, TensorSource, combine_digests, dtype_name, tensor_digest
+from .checkpoint import TensorMeta, TensorSource, combine_digests, dtype_name, open_source, tensor_digest
 from .errors import CmergeError
 from .layers import PASSTHROUGH, is_projected
 from .methods.base import Method, TensorStep, sq_norm
@@ -172,7 +174,8 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
             step = TensorStep(name=name, t=t, base=b, tau=tau,
                               acc={k: v.to(dev, compute_dtype) for k, v in accs.items()}, scalars=scalars,
                               projected=is_projected(plan.kinds[name]),
-                              extra={k: v.to(dev, compute_dtype) for k, v in ext.items()})
+                              extra={k: v.to(dev, compute_dtype) for k, v in ext.items()},
+                              extra_meta={k: src.metadata for k, src in extras.items()})
             update = method.rule(step)
             sums["tau_sq"] += sq_norm(tau)
             for k, v in update.sums.items():
@@ -186,6 +189,25 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
     new_scalars = method.finalize(scalars, sums, t)
     return StepOutcome(new_scalars, sums["tau_sq"] ** 0.5, combine_digests(inc_digests),
                        combine_digests(base_digests) if hash_base else None, notes)
+
+
+def resolve_extras(method: Method, model: Any, given: Mapping[str, Any] | None) -> dict[str, TensorSource]:
+    """Open the method's extra per-tensor inputs: given ones, else the default file beside a model folder."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(method.extra_inputs))
+    if unknown:
+        raise CmergeError(f"method {method.name!r} takes no --{unknown[0]} input.")
+    out: dict[str, TensorSource] = {}
+    for key, filename in method.extra_inputs.items():
+        value = given.get(key)
+        if value is None and isinstance(model, (str, os.PathLike)) and Path(model).is_dir() \
+                and (Path(model) / filename).exists():
+            value = Path(model) / filename
+        if value is None:
+            raise CmergeError(f"method {method.name!r} needs the model's {key} values (--{key} FILE, or "
+                              f"{filename} beside the model); none was found.")
+        out[key] = open_source(value, description=f"{key} file {value}" if not isinstance(value, Mapping) else key)
+    return out
 
 
 def check_extra(plan: Plan, source: TensorSource, key: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .checkpoint import TensorSource, open_source, parse_dtype
-from .engine import Plan, check_compatible, iter_merged, run_step
+from .engine import Plan, check_compatible, iter_merged, resolve_extras, run_step
 from .errors import CmergeError
 from .layers import classify
 from .methods import get_method
@@ -62,10 +62,7 @@ class Merger:
         """Fold one model in; returns its step entry (name, sha256, norm, lambda, t, …)."""
         incoming = open_source(model, description=name or "incoming model")
         check_compatible(self.plan, incoming, incoming.description)
-        missing = [k for k in self.method.extra_inputs if not extras or k not in extras]
-        if missing:
-            raise CmergeError(f"method {self.method.name!r} needs {missing[0]!r} for every model; none was given.")
-        extra_srcs = {k: open_source(v, description=f"{k} of {name or 'incoming model'}") for k, v in (extras or {}).items()}
+        extra_srcs = resolve_extras(self.method, model, extras)
         t = len(self.steps) + 1
         new = _DictAccumulators()
         started = time.time()

@@ -29,7 +29,8 @@ from safetensors import safe_open
 from . import __version__
 from .checkpoint import (StreamingSafetensorsWriter, TensorMeta, TensorSource, content_hash, copy_aux_files,
                          dtype_name, open_source, parse_dtype, parse_size, write_sharded, combine_digests)
-from .engine import (Plan, accumulator_key, accumulator_specs, check_compatible, iter_merged, run_step)
+from .engine import (Plan, accumulator_key, accumulator_specs, check_compatible, iter_merged, resolve_extras,
+                     run_step)
 from .errors import CmergeError
 from .layers import PASSTHROUGH, classify
 from .methods import REGISTRY, get_method
@@ -242,11 +243,7 @@ class State:
             method, plan = self.method, self.plan
             incoming = open_source(model)
             check_compatible(plan, incoming, incoming.description)
-            missing = [k for k in method.extra_inputs if not extras or k not in extras]
-            if missing:
-                raise CmergeError(f"method {method.name!r} needs --{missing[0]} (a file of per-tensor {missing[0]} "
-                                  f"values for the model); none was given.")
-            extra_srcs = {k: open_source(v, description=f"{k} file {v}") for k, v in (extras or {}).items()}
+            extra_srcs = resolve_extras(method, model, extras)
             base = self._base_source()
             t = len(self.steps) + 1
             final = self.path / _gen_dir(t)
@@ -282,8 +279,8 @@ class State:
                 "norm": out.tau_norm, "lambda": None, **method.step_summary(out.scalars),
                 "protected_rank": out.notes or None,
             }
-            if extras:
-                entry["extras"] = {k: _describe_source(v) for k, v in extras.items()}
+            if extra_srcs:
+                entry["extras"] = {k: src.description for k, src in extra_srcs.items()}
             old = self.manifest["generation"]
             new_manifest = dict(self.manifest, scalars=out.scalars, generation=final.name,
                                 steps=self.steps + [entry], updated=_now())

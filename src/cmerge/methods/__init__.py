@@ -6,12 +6,13 @@ from typing import Any
 from ..errors import CmergeError
 from .average import Average
 from .base import Method, Param, TensorStep, TensorUpdate
+from .fisher_merge import FisherMerge
 from .magmax import MagMax
 from .opcm import OPCM
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (OPCM, Average, TaskArithmetic, Ties, MagMax)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (OPCM, Average, TaskArithmetic, Ties, MagMax, FisherMerge)}
 
 
 def register(cls: type[Method]) -> type[Method]:

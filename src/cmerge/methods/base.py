@@ -59,6 +59,7 @@ class TensorStep:
     scalars: Mapping[str, Any]              # global numbers after step t−1
     projected: bool                         # a linear-layer weight (see layers.py)
     extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # e.g. second moments
+    extra_meta: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # their files' metadata
 
 
 @dataclass
@@ -77,7 +78,9 @@ class Method:
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
     accumulators: ClassVar[tuple[str, ...]]
-    extra_inputs: ClassVar[tuple[str, ...]] = ()
+    # per-tensor inputs besides the model, e.g. {"fisher": "exp_avg_sq.safetensors"}: the key names the
+    # input (CLI flag --<key>), the value is the file looked for beside a model folder when none is given
+    extra_inputs: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, **params: Any) -> None:
         known = {p.name: p for p in self.params}
