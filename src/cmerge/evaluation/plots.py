@@ -1,0 +1,160 @@
+"""PNG figures of the continual protocol, one function per figure of the OPCM paper.
+
+Each function takes plain numbers (lists, dicts) and a path, draws with matplotlib's
+Agg canvas (no display, no pyplot global state) and returns the path written. Bands
+are mean ± one standard deviation over task orders.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+Curve = tuple[Sequence[float], Sequence[float]]  # (mean, std) per step or per value
+
+
+def _figure(width: float = 6.0, height: float = 4.0) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _band(ax, x: Sequence[float], mean: Sequence[float], std: Sequence[float], label: str, marker: str = "o"):
+    mean = np.asarray(mean, dtype=float)
+    std = np.nan_to_num(np.asarray(std, dtype=float))
+    line = ax.plot(x, mean, marker=marker, markersize=4, label=label)[0]
+    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
+
+
+def plot_accuracy_curves(curves: Mapping[str, Curve], path: str | Path, upper_bound: float | None = None) -> Path:
+    """Average accuracy on the tasks seen so far versus number of tasks merged (paper Fig. 5)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, (mean, std) in curves.items():
+        _band(ax, range(1, len(mean) + 1), mean, std, name)
+    if upper_bound is not None and math.isfinite(upper_bound):
+        ax.axhline(upper_bound, color="black", linestyle=":", linewidth=1, label="fine-tuned (mean)")
+    ax.set_xlabel("number of tasks merged")
+    ax.set_ylabel("average accuracy on seen tasks (%)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_sweep(
+    param: str, values: Sequence[float], mean: Sequence[float], std: Sequence[float], path: str | Path,
+    label: str = "", best: float | None = None, references: Mapping[str, float] | None = None,
+) -> Path:
+    """Mean ACC (± std over orders) against one parameter's values (paper Fig. 6, 14, 15).
+
+    Non-numeric values (e.g. a scaling rule's name) are placed at equal spacing.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    x = list(values) if numeric else list(range(len(values)))
+    _band(ax, x, mean, std, label or param)
+    if not numeric:
+        ax.set_xticks(x, [str(v) for v in values])
+    if best is not None:
+        i = list(values).index(best)
+        ax.plot([x[i]], [mean[i]], marker="*", markersize=14, color="gold", markeredgecolor="black",
+                linestyle="none", label=f"best {param} = {best}")
+    for k, (name, value) in enumerate((references or {}).items()):
+        if value is not None and math.isfinite(value):
+            ax.axhline(value, color="grey", linestyle=("--", ":", "-.")[k % 3], linewidth=1, label=name)
+    ax.set_xlabel(param)
+    ax.set_ylabel("ACC after the last task (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_lambdas(lambdas: Mapping[str, Curve], path: str | Path) -> Path:
+    """The scaling factor λ_t per step against √t (paper Fig. 7)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    longest = 1
+    for name, (mean, std) in lambdas.items():
+        _band(ax, range(1, len(mean) + 1), mean, std, name)
+        longest = max(longest, len(mean))
+    t = np.linspace(1, longest, 200)
+    ax.plot(t, np.sqrt(t), color="black", linestyle="--", linewidth=1, label=r"$\sqrt{t}$")
+    ax.set_xlabel("step $t$")
+    ax.set_ylabel(r"$\lambda_t$")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_similarity(matrix: Sequence[Sequence[float]], names: Sequence[str], path: str | Path) -> Path:
+    """Heatmap of the pairwise cosine similarity of task vectors (paper Fig. 4, 9-11).
+
+    The colour scale spans the off-diagonal values (the diagonal is 1 by definition),
+    so small similarities stay visible; every cell is annotated when there are ≤ 20.
+    """
+    m = np.asarray(matrix, dtype=float)
+    n = len(names)
+    off = m[~np.eye(n, dtype=bool)] if n > 1 else np.array([1.0])
+    scale = float(np.nanmax(np.abs(off))) if np.isfinite(off).any() else 1.0
+    scale = scale if scale > 0 else 1.0
+    size = max(4.0, 0.45 * n + 2.0)
+    fig = _figure(size + 1.0, size)
+    ax = fig.add_subplot()
+    image = ax.imshow(m, cmap="RdBu_r", vmin=-scale, vmax=scale)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if np.isfinite(m[i, j]):
+                    strong = abs(m[i, j]) > 0.6 * scale
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if strong else "black")
+    ax.set_title("cosine similarity of task vectors")
+    return _save(fig, path)
+
+
+def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], order: Sequence[str], path: str | Path,
+                         title: str = "") -> Path:
+    """Lower-triangular accuracy matrix of one order: row = after step t, column = task (paper Fig. 12)."""
+    T = len(order)
+    square = np.full((T, T), np.nan)
+    for t, row in enumerate(matrix):
+        square[t, : len(row)] = np.asarray(row, dtype=float)
+    finite = square[np.isfinite(square)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    size = max(4.0, 0.5 * T + 2.0)
+    fig = _figure(size + 1.0, size)
+    ax = fig.add_subplot()
+    image = ax.imshow(square, cmap="viridis", vmin=low, vmax=high)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
+    ax.set_xticks(range(T), order, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(T), [f"{t + 1}: +{task}" for t, task in enumerate(order)], fontsize=8)
+    ax.set_xlabel("task evaluated")
+    ax.set_ylabel("after merging step")
+    if T <= 20:
+        mid = (low + high) / 2
+        for t in range(T):
+            for j in range(t + 1):
+                if np.isfinite(square[t, j]):
+                    ax.text(j, t, f"{square[t, j]:.1f}", ha="center", va="center", fontsize=7,
+                            color="black" if square[t, j] > mid else "white")
+    ax.set_title(title or "accuracy matrix")
+    return _save(fig, path)
