@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import struct
 from dataclasses import dataclass
@@ -170,7 +171,14 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CmergeError(f"could not read {path}: not a readable torch checkpoint ({exc}).") from exc
+        # torch's weights-only unpickler fails with long, multi-line advice: keep one sentence
+        text = str(exc).strip()
+        if "allowed global" in text or "Unsupported global" in text:
+            raise CmergeError(f"could not read {path}: it holds Python objects other than tensors, which cmerge does "
+                              f"not unpickle; save a plain state dict of tensors (or safetensors).") from exc
+        detail = "corrupt, or not written by torch.save" if isinstance(exc, pickle.UnpicklingError) \
+            else (text.splitlines() or [type(exc).__name__])[0]
+        raise CmergeError(f"could not read {path}: not a readable torch checkpoint ({detail}).") from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -75,7 +75,7 @@ quiet_opt = click.option("--quiet", "-q", is_flag=True, help="no progress bar.")
 precision_opt = click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32",
                              show_default=True, help="compute and accumulator precision.")
 project_opt = click.option("--project", "project", multiple=True, metavar="REGEX",
-                           help="also project 2-D tensors whose name matches (repeatable).")
+                           help="also project tensors whose name matches; each match must be 2-D (repeatable).")
 no_project_opt = click.option("--no-project", "no_project", multiple=True, metavar="REGEX",
                               help="never project tensors whose name matches (repeatable).")
 dtype_opt = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,

@@ -158,6 +158,9 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
             raise CmergeError(f"{incoming.description}: tensor {name!r} contains NaN or Inf; nothing was changed.")
         accs = {a: acc.get(a, name) for a in method.accumulators} if (acc is not None and t > 1) else {}
         ext = {k: src.get(name) for k, src in extras.items()}
+        for k, v in ext.items():
+            if v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
+                raise CmergeError(f"{extras[k].description}: tensor {name!r} contains NaN or Inf; nothing was changed.")
         return b, x, accs, ext
 
     sums: dict[str, float] = {"tau_sq": 0.0}

@@ -73,11 +73,15 @@ def _gen_dir(t: int) -> str:
 class _DiskAccumulators:
     """Reads accumulators of one generation (memory-mapped safetensors)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, method: str) -> None:
         try:
             self._h = safe_open(str(path), framework="pt", device="cpu")
         except Exception as exc:
             raise CmergeError(f"the merge state's accumulators {path} cannot be read ({exc}).") from exc
+        written_by = (self._h.metadata() or {}).get("method")
+        if written_by != method:
+            raise CmergeError(f"the merge state's accumulators {path} were written by method {written_by!r} but its "
+                              f"manifest names method {method!r}; the state is inconsistent.")
 
     def get(self, acc: str, name: str) -> torch.Tensor:
         return self._h.get_tensor(accumulator_key(acc, name))
@@ -210,7 +214,8 @@ class State:
 
     def _accumulators(self) -> _DiskAccumulators | None:
         gen = self.manifest["generation"]
-        return None if gen is None else _DiskAccumulators(self.path / gen / "accumulators.safetensors")
+        return None if gen is None else _DiskAccumulators(self.path / gen / "accumulators.safetensors",
+                                                          self.manifest["method"])
 
     # ------------------------------------------------------------ writing
     @contextmanager

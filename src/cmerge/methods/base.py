@@ -99,6 +99,7 @@ class Method:
         return {}
 
     def rule(self, s: TensorStep) -> TensorUpdate:  # pragma: no cover - abstract
+        """New accumulators for one tensor. Must not modify the tensors of ``s`` in place."""
         raise NotImplementedError
 
     def finalize(self, scalars: Mapping[str, Any], sums: Mapping[str, float], t: int) -> dict[str, Any]:

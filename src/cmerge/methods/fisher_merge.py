@@ -61,6 +61,8 @@ class FisherMerge(Method):
 
     def rule(self, s: TensorStep) -> TensorUpdate:
         f_new = s.extra["fisher"]
+        if bool((f_new < 0).any()):
+            raise CmergeError(f"the fisher values of tensor {s.name!r} are negative in places; second moments are ≥ 0.")
         if self.p["bias_correction"]:
             f_new = f_new / adam_bias_correction(s.extra_meta.get("fisher", {}))
         if s.t == 1:
