@@ -33,7 +33,7 @@ test: $(VENV)/.test
 
 demo: $(VENV)/.bench
 	bash scripts/setup_text_suite.sh
-	$(VENV)/bin/cmerge bench text --demo -o $(DEMO_OUT)
+	$(VENV)/bin/cmerge bench text --demo --methods opcm,average,task_arithmetic -o $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -11,6 +11,20 @@ and the whole diagonal:
 which never forms an m × m or n × n matrix and equals the full-SVD masking of C
 exactly. Zeroing the diagonal is what makes ⟨P(X), D⟩_F = 0 (Theorem 5.1).
 
+Precision. The diagonal terms need every singular pair, including those inside the
+dense bulk of a noisy task vector, where a float32 SVD's vectors are off by
+~1e-3 (eps · s_1 / gap): a float32 SVD moves P(X) by ~1e-4 relative. So the factors
+and all products are computed in float64 (on the input's device) whatever the input
+dtype, and only the result is rounded back; this matches a float64 full-SVD
+reference to float32 rounding.
+
+Speed. The default factorization ("gram") takes the SVD from the float64
+eigendecomposition of the smaller Gram matrix D Dᵀ (or Dᵀ D): one r × r `eigh`
+and a few products instead of an m × n SVD. It is exact for the singular values
+that the Gram matrix resolves (s_i ≥ 1e-3 s_1 here, so eigenvalues ≥ 1e-6 s_1²);
+the few smaller ones are recomputed by a small float64 SVD of their own block, and a
+numerically rank-deficient D (a large tail) falls back to the float64 LAPACK SVD.
+
 Everything here is pure math: tensors in, tensors out, no I/O, no logging.
 """
 
@@ -18,7 +32,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["protected_rank", "opcm_project"]
+__all__ = ["FACTORIZATIONS", "protected_rank", "opcm_project", "svd_factors"]
+
+FACTORIZATIONS = ("gram", "svd")
+
+# Singular values below this fraction of s_1 are recomputed outside the Gram matrix.
+_GRAM_TAIL = 1e-3
+# More tail than this fraction of r: the Gram route gives way to the LAPACK SVD.
+_GRAM_MAX_TAIL = 0.25
+# Elements (float64) per column chunk of the streamed products (32 MiB).
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def protected_rank(singular_values: torch.Tensor, alpha: float) -> int:
@@ -53,14 +76,15 @@ def opcm_project(
     *,
     keep_diagonal: bool = False,
     drop_cross_blocks: bool = False,
+    factorization: str = "gram",
 ) -> tuple[torch.Tensor, int]:
     """Project the incoming task vector ``x`` away from ``delta`` (OPCM, Eq. 9).
 
     ``delta`` is the merged task vector D, or any positive multiple of it (OPCM
     passes S_t = λ_t·D, which has the same singular vectors); ``x`` is X. Both are
-    2-D tensors of the same shape, dtype (float32 or float64) and device; the work is
-    done in that dtype on that device. Returns ``(P(X), k)`` with k from
-    `protected_rank`.
+    2-D tensors of the same shape, dtype (float32 or float64) and device. The work
+    is done on that device in float64; the result comes back in the input dtype.
+    Returns ``(P(X), k)`` with k from `protected_rank`.
 
     Variants (REFERENCE_NOTES §1):
 
@@ -73,6 +97,10 @@ def opcm_project(
       i, j ≥ k, i ≠ j): P(X) = (I − U_kU_kᵀ) X (I − V_kV_kᵀ) minus the diagonal
       terms for k ≤ i < r (unless ``keep_diagonal``).
 
+    ``factorization`` picks how the SVD of D is obtained (see `svd_factors`):
+    "gram" (default, fast) or "svd" (float64 LAPACK SVD); both give the same P(X)
+    to float64 accuracy.
+
     Deliberate deviation: if D is exactly zero (a layer that fine-tuning never
     touched) there is nothing to protect and X is returned unchanged with k = 0;
     the reference would instead zero X's diagonal in an arbitrary SVD basis.
@@ -83,9 +111,39 @@ def opcm_project(
     _check_pair(delta, x)
     if not bool(torch.any(delta)):
         return x.clone(), 0
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    tall = delta.shape[0] > delta.shape[1]
+    # P commutes with transposition (P_{Dᵀ}(Xᵀ) = P_D(X)ᵀ): work on the wide side.
+    d_w, x_w = (delta.mT, x.mT) if tall else (delta, x)
+    u, s, v = svd_factors(d_w, factorization)
     k = protected_rank(s, alpha)
-    return _project_with_svd(u, vh, k, x, keep_diagonal, drop_cross_blocks), k
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _project_into(out.mT if tall else out, u, v, k, x_w, keep_diagonal, drop_cross_blocks)
+    return out, k
+
+
+def svd_factors(delta: torch.Tensor, factorization: str = "gram") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced SVD of ``delta`` (m × n) in float64: U (m × r), s (r), V (n × r).
+
+    ``factorization``:
+
+    - "gram": eigendecomposition of the smaller Gram matrix (D Dᵀ if m ≤ n),
+      s_i = ‖Dᵀ u_i‖ and v_i = Dᵀ u_i / s_i for s_i ≥ 1e-3 s_1; the pairs below that
+      are recomputed by a float64 SVD of their own block (Dᵀ U_tail with the head's
+      right vectors projected out). If more than a quarter of the spectrum is that
+      small (a numerically low-rank D), the LAPACK SVD is used instead.
+    - "svd": ``torch.linalg.svd(full_matrices=False)`` in float64.
+
+    Singular values come out in non-increasing order.
+    """
+    if factorization not in FACTORIZATIONS:
+        raise ValueError(f"factorization must be one of {FACTORIZATIONS}, got {factorization!r}")
+    if factorization == "gram":
+        factors = _gram_factors(delta.mT) if delta.shape[0] > delta.shape[1] else _gram_factors(delta)
+        if factors is not None:
+            u, s, v = factors
+            return (v, s, u) if delta.shape[0] > delta.shape[1] else (u, s, v)
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    return u, s, vh.mT
 
 
 def _check_pair(delta: torch.Tensor, x: torch.Tensor) -> None:
@@ -103,39 +161,117 @@ def _check_pair(delta: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"delta and x must be on one device, got {delta.device} and {x.device}")
 
 
-def _project_with_svd(
+def _column_chunks(m: int, n: int):
+    step = max(1, _CHUNK_ELEMENTS // max(m, 1))
+    return [slice(j, min(j + step, n)) for j in range(0, n, step)]
+
+
+def _gram_factors(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """SVD factors of a wide d (m ≤ n) from eigh(d dᵀ) in float64; None: use LAPACK SVD."""
+    m, n = d.shape
+    f64 = torch.float64
+    chunks = _column_chunks(m, n)
+    whole = d.to(f64) if len(chunks) == 1 else None  # converted once when D is one chunk
+    gram = torch.zeros(m, m, dtype=f64, device=d.device)
+    for cols in chunks:
+        dj = whole if whole is not None else d[:, cols].to(f64)
+        gram.addmm_(dj, dj.mT)
+    _, u = torch.linalg.eigh(gram)  # ascending
+    del gram
+    u = u.flip(1)
+    w = torch.empty(n, m, dtype=f64, device=d.device)  # Dᵀ U, column i = s_i v_i
+    for cols in chunks:
+        dj = whole if whole is not None else d[:, cols].to(f64)
+        torch.matmul(dj.mT, u, out=w[cols])
+    del whole
+    s = torch.linalg.vector_norm(w, dim=0)
+    u, s, w = _sorted(u, s, w)
+    if not s[0] > 0:
+        return None
+    head = int(torch.count_nonzero(s >= _GRAM_TAIL * s[0]))
+    tail = m - head
+    if tail > _GRAM_MAX_TAIL * m:
+        return None
+    v = w
+    v[:, :head] /= s[:head]
+    if tail:
+        v_head = v[:, :head]
+        w_tail = v[:, head:]
+        for _ in range(2):  # project the head's right vectors out, twice for orthogonality
+            w_tail -= v_head @ (v_head.mT @ w_tail)
+        q, s_tail, rh = torch.linalg.svd(w_tail, full_matrices=False)
+        # Degenerate tails (exact zeros) give LAPACK an arbitrary basis: check it.
+        if not bool(torch.all(torch.isfinite(q))) or float(torch.linalg.matrix_norm(v_head.mT @ q, ord=2)) > 1e-9:
+            return None
+        v[:, head:] = q
+        s[head:] = s_tail
+        u[:, head:] = u[:, head:] @ rh.mT
+        u, s, v = _sorted(u, s, v)
+    return u, s, v
+
+
+def _sorted(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Permute singular triplets into non-increasing order of s (a no-op if they are)."""
+    if bool(torch.all(s[:-1] >= s[1:])):
+        return u, s, v
+    order = torch.argsort(s, descending=True, stable=True)
+    return u[:, order], s[order], v[:, order]
+
+
+def _project_into(
+    out: torch.Tensor,
     u: torch.Tensor,
-    vh: torch.Tensor,
+    v: torch.Tensor,
     k: int,
     x: torch.Tensor,
     keep_diagonal: bool,
     drop_cross_blocks: bool,
-) -> torch.Tensor:
-    """P(X) from the reduced SVD factors of D: u (m × r), vh (r × n), as in Eq. 9.
+) -> None:
+    """Write P(X) into ``out`` from float64 factors u (m × r), v (n × r) of D (Eq. 9).
 
-    With B = UᵀX (r × n), every removed term is U times a matrix M (r × n):
-    P(X) = X − U M, where M's first k rows are (B_k V_k) V_kᵀ (the protected block)
-    and row i ≥ k is (b_i · v_i) v_iᵀ (the diagonal term u_iᵀXv_i). Dropping the
-    cross blocks instead removes U_k B_k and (I − U_kU_kᵀ) X V_k V_kᵀ, which is
-    U_kU_kᵀX + XV_kV_kᵀ − U_kU_kᵀXV_kV_kᵀ.
+    Every removed term but one is L Vᵀ for an m × r matrix L: its first k columns
+    are U_k (U_kᵀ X V_k) (the protected block) and column i ≥ k is (u_iᵀ X v_i) u_i
+    (the diagonal). Dropping the cross blocks removes U_kU_kᵀX + (I − U_kU_kᵀ) X V_kV_kᵀ
+    instead of the block: the first k columns of L become X V_k − U_k (U_kᵀ X V_k) and
+    U_k (U_kᵀ X) is removed apart. X is streamed twice in column chunks, so float64
+    copies of X are whole only when X fits in one chunk: one pass for the coefficients,
+    one for the result.
     """
-    u = u.to(x.dtype)
-    vh = vh.to(x.dtype)
-    b = u.mT @ x  # r × n
-    vh_k = vh[:k]
-    m_rows = torch.empty_like(b)
-    if drop_cross_blocks:
-        m_rows[:k] = b[:k]
-    else:
-        m_rows[:k] = (b[:k] @ vh_k.mT) @ vh_k
-    if keep_diagonal:
-        m_rows[k:] = 0
-    else:
-        diag = torch.linalg.vecdot(b[k:], vh[k:])
-        torch.mul(vh[k:], diag[:, None], out=m_rows[k:])
-    out = x - u @ m_rows
-    if drop_cross_blocks and k:
-        # (I − U_kU_kᵀ) X V_k V_kᵀ = (X V_k − U_k B_k V_k) V_kᵀ
-        xv_k = x @ vh_k.mT - u[:, :k] @ (b[:k] @ vh_k.mT)
-        out -= xv_k @ vh_k
-    return out
+    m, n = x.shape
+    r = u.shape[1]
+    f64 = torch.float64
+    chunks = _column_chunks(m, n)
+    u_k = u[:, :k]
+    rows = slice(0, k) if keep_diagonal else slice(0, r)  # rows of UᵀX that are needed
+    block = torch.zeros(k, k, dtype=f64, device=x.device)  # U_kᵀ X V_k
+    diag = torch.zeros(r - k, dtype=f64, device=x.device)  # u_iᵀ X v_i, i ≥ k
+    xv_k = torch.zeros(m, k, dtype=f64, device=x.device) if drop_cross_blocks else None
+    whole = x.to(f64, copy=True) if len(chunks) == 1 else None  # one chunk: converted once
+
+    def x64(cols: slice) -> torch.Tensor:  # a float64 copy of X's columns, ours to modify
+        return whole if whole is not None else x[:, cols].to(f64, copy=True)
+
+    for cols in chunks:
+        xj = x64(cols)
+        vj = v[cols]
+        bj = u[:, rows].mT @ xj
+        block.addmm_(bj[:k], vj[:, :k])
+        if not keep_diagonal:
+            diag += torch.linalg.vecdot(bj[k:], vj[:, k:].mT)
+        if xv_k is not None:
+            xv_k.addmm_(xj, vj[:, :k])
+    width = k if keep_diagonal else r
+    left = torch.empty(m, width, dtype=f64, device=x.device)
+    torch.matmul(u_k, block, out=left[:, :k])
+    if xv_k is not None:
+        torch.sub(xv_k, left[:, :k], out=left[:, :k])
+    if not keep_diagonal:
+        torch.mul(u[:, k:], diag, out=left[:, k:])
+    v_used = v[:, :width]
+    for cols in chunks:  # pass 1 is over: the chunks may now be updated in place
+        xj = x64(cols)
+        b_kj = u_k.mT @ xj if drop_cross_blocks and k else None
+        xj.addmm_(left, v_used[cols].mT, alpha=-1.0)
+        if b_kj is not None:
+            xj.addmm_(u_k, b_kj, alpha=-1.0)
+        out[:, cols] = xj
