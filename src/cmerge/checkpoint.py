@@ -114,34 +114,67 @@ class MappingSource(TensorSource):
 
 
 class SafetensorsSource(TensorSource):
-    """One or more safetensors files, opened lazily (memory-mapped)."""
+    """One or more safetensors files, read one tensor at a time.
+
+    The header is validated with the ``safetensors`` library; tensor bytes are then read
+    with ``pread`` into a fresh buffer rather than through a memory map, so the process
+    holds only the tensors in use: a mapped file's touched pages would stay resident and
+    make peak RSS grow with the model size.
+    """
 
     def __init__(self, files: Sequence[Path], description: str, folder: Path | None = None) -> None:
         super().__init__()
         self.description = description
         self.folder = folder
-        self._handles = {}
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}  # name -> (file, absolute offset, byte count)
+        self._fds: dict[Path, int] = {}
         for f in files:
             try:
-                h = safe_open(str(f), framework="pt", device="cpu")
+                h = safe_open(str(f), framework="pt", device="cpu")  # validates header and file size
                 self.metadata.update(h.metadata() or {})
-                names = list(h.keys())
-                for n in names:
+                for n in h.keys():
                     sl = h.get_slice(n)
                     dt = _ST_DTYPES.get(sl.get_dtype())
                     if dt is None:
                         raise CmergeError(f"{f}: tensor {n!r} has unsupported dtype {sl.get_dtype()}.")
                     self._meta[n] = TensorMeta(tuple(sl.get_shape()), dt)
-                    self._where[n] = f
+                del h
+                start, offsets = _data_offsets(f)
             except CmergeError:
                 raise
             except Exception as exc:
                 raise CmergeError(f"could not read {f}: not a valid safetensors file ({exc}).") from exc
-            self._handles[f] = h
+            for n, (begin, end) in offsets.items():
+                self._where[n] = (f, start + begin, end - begin)
+            self._fds[f] = os.open(str(f), os.O_RDONLY)
 
     def _read(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        path, offset, count = self._where[name]
+        meta = self._meta[name]
+        buf = torch.empty(count, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < count:
+            n = os.preadv(self._fds[path], [view[done:done + (1 << 30)]], offset + done)
+            if n <= 0:
+                raise CmergeError(f"{path} ended early while reading tensor {name!r} (truncated file?).")
+            done += n
+        return buf.view(meta.dtype).reshape(meta.shape)
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Where a safetensors file's data starts, and each tensor's [begin, end) byte range in it."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return 8 + n, {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
 
 
 class TorchFileSource(TensorSource):

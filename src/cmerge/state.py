@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
 
 from . import __version__
-from .checkpoint import (StreamingSafetensorsWriter, TensorMeta, TensorSource, content_hash, copy_aux_files,
+from .checkpoint import (SafetensorsSource, StreamingSafetensorsWriter, TensorMeta, TensorSource, content_hash, copy_aux_files,
                          dtype_name, open_source, parse_dtype, parse_size, write_sharded, combine_digests)
 from .engine import (Plan, accumulator_key, accumulator_specs, check_compatible, iter_merged, resolve_extras,
                      run_step)
@@ -71,20 +70,17 @@ def _gen_dir(t: int) -> str:
 
 
 class _DiskAccumulators:
-    """Reads accumulators of one generation (memory-mapped safetensors)."""
+    """Reads the accumulators of one generation, one tensor at a time."""
 
     def __init__(self, path: Path, method: str) -> None:
-        try:
-            self._h = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:
-            raise CmergeError(f"the merge state's accumulators {path} cannot be read ({exc}).") from exc
-        written_by = (self._h.metadata() or {}).get("method")
+        self._src = SafetensorsSource([path], f"the merge state's accumulators {path}")
+        written_by = self._src.metadata.get("method")
         if written_by != method:
             raise CmergeError(f"the merge state's accumulators {path} were written by method {written_by!r} but its "
                               f"manifest names method {method!r}; the state is inconsistent.")
 
     def get(self, acc: str, name: str) -> torch.Tensor:
-        return self._h.get_tensor(accumulator_key(acc, name))
+        return self._src.get(accumulator_key(acc, name))
 
 
 class _WriterSink:
