@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (SafetensorsSource, StreamingSafetensorsWriter, TensorMeta, TensorSource, content_hash, copy_aux_files,
-                         dtype_name, open_source, parse_dtype, parse_size, write_sharded, combine_digests)
+from .checkpoint import (SafetensorsSource, StreamingSafetensorsWriter, TensorMeta, TensorSource, combine_digests,
+                         copy_aux_files, dtype_name, open_source, parse_dtype, parse_size, tensor_digest, write_sharded)
 from .engine import (Plan, accumulator_key, accumulator_specs, check_compatible, iter_merged, resolve_extras,
                      run_step)
 from .errors import CmergeError
@@ -121,8 +122,6 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
     metas = {n: src.meta(n) for n in src.keys()}
     kinds, how = classify(metas, src.folder, project, no_project)
     digests = {}
-    from tqdm.auto import tqdm
-    from .checkpoint import tensor_digest
     for n in tqdm(src.keys(), desc="reading base", unit="tensor", disable=not progress, leave=False):
         t = src.get(n)
         if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
