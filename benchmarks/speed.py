@@ -16,9 +16,10 @@ S_t − S_{t−1} against a float64 thin-SVD reference started from the same S_{
 I/O floor: the same files read with `load_file` and the same bytes written with
 `save_file`.
 
-OpenMP waits passively in every measured process (OMP_WAIT_POLICY=PASSIVE): on a
-2-core machine shared with other jobs, the default spin-waiting makes two-thread
-LAPACK calls 15-25× slower (measured: eigh of a 2048² matrix 29-53 s instead of 2 s).
+OpenMP threads spin only briefly before sleeping in every measured process
+(GOMP_SPINCOUNT=10000): on a 2-core machine shared with other jobs, the default long
+spin makes two-thread LAPACK calls up to 20× slower, and OMP_WAIT_POLICY=PASSIVE makes
+small ones 2-3× slower on an idle machine (see the notes in the report).
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ class Bench:
         self.args = args
         self.work = Path(args.workdir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+        self.env = dict(os.environ, GOMP_SPINCOUNT="10000", PYTHONUNBUFFERED="1")
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), self.env.get("PYTHONPATH")]))
         self.cm = cmerge_exe()
         self.t_start = time.time()
@@ -191,10 +192,11 @@ class Bench:
             folders.append(f)
         return folders
 
-    def cmerge(self, *args: object, profile: Path | None = None) -> Run:
+    def cmerge(self, *args: object, profile: Path | None = None, threads: int | None = None) -> Run:
         cmd = [str(a) for a in args]
         exe = self.cm if profile is None else [sys.executable, "-m", "cProfile", "-o", str(profile), *self.cm[1:]]
-        return run([*exe, *cmd], self.env)
+        env = self.env if threads is None else dict(self.env, OMP_NUM_THREADS=str(threads))
+        return run([*exe, *cmd], env)
 
     def ref(self, *args: object) -> tuple[Run, dict]:
         r = run([sys.executable, str(REFERENCE), *map(str, args)], self.env)
@@ -260,6 +262,13 @@ class Bench:
                     snaps[t] = tmp
                 else:
                     shutil.rmtree(tmp)
+            if t == steps[0]:  # the same step with one OpenMP thread (see the notes)
+                meas["cm1_wall"] = []
+                for i in range(runs):
+                    tmp = clone_state(snaps[t - 1], d / "tmp")
+                    meas["cm1_wall"].append(self.cmerge("add", tmp, m[t], "-q", threads=1).wall)
+                    shutil.rmtree(tmp)
+                self.log(f"{spec.key}: cmerge add #{t}, one thread: {median(meas['cm1_wall']):.1f}s")
             # float32 exports: cmerge's θ_t to compare with, θ_{t−1} as the reference's input
             ex_t = d / f"export{t}"
             shutil.rmtree(ex_t, ignore_errors=True)
@@ -397,7 +406,7 @@ def report(results: list[Result], args: argparse.Namespace, started: float, dura
         "benchmark alone accounts for up to about 2, so the 2 cores were "
         f"{'shared with other jobs for part of the run' if max(LOADS, default=0) > 2.5 else 'not noticeably shared'}"
         ". Both sides of every ratio were measured in the same run, one after the other. Every "
-        "measured process ran with `OMP_WAIT_POLICY=PASSIVE` (see the notes).",
+        "measured process ran with `GOMP_SPINCOUNT=10000` (see the notes).",
         "",
         "Each number is the median over the runs shown; every run is a fresh process (wall time to exit, "
         "its own peak RSS). *cmerge*: `cmerge add STATE MODEL -q` on a copy of the state before that step "
@@ -407,21 +416,24 @@ def report(results: list[Result], args: argparse.Namespace, started: float, dura
         "matrices, Eq. 10), loading included. *vs float64*: largest relative Frobenius error, over the "
         "checked tensors, of cmerge's stored projected task vector P(τ_t) = S_t − S_{t−1} against a float64 "
         "thin-SVD computation of Eq. 9 from the same S_{t−1}. *vs reference*: largest relative difference "
-        "between the two merged task vectors θ_t − θ0.",
+        "between the two merged task vectors θ_t − θ0. *cmerge, 1 thread*: the first measured step again "
+        "with `OMP_NUM_THREADS=1` (speed-up over the reference in parentheses; see the notes).",
         "",
-        "| model | step | runs | cmerge add s | reference s | speed-up | cmerge RSS MB | reference RSS MB "
-        "| RSS ratio | vs float64 | vs reference |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | step | runs | cmerge add s | reference s | speed-up | cmerge, 1 thread s | cmerge RSS MB "
+        "| reference RSS MB | RSS ratio | vs float64 | vs reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         for t, s in res.steps.items():
             cm, rf = median(s["cm_wall"]), median(s["ref_wall"])
             cr, rr = median(s["cm_rss"]), median(s["ref_rss"])
+            one = f"{fmt_s(median(s['cm1_wall']))} ({rf / median(s['cm1_wall']):.2f}×)" if "cm1_wall" in s else "–"
             ex = s["exact"]
             lines.append(
                 f"| {res.spec.key}: {res.spec.title}, {res.spec.params / 1e6:.0f} M{res.note} | {t} | {res.runs} "
-                f"| {fmt_s(cm)} | {fmt_s(rf)} (load {fmt_s(median(s['ref_load']))}) | {rf / cm:.2f}× | {cr:.0f} "
-                f"| {rr:.0f} | {cr / rr:.0%} | {ex['max_rel_p']:.1e} ({ex['checked']} tensors) | {s['vs_ref']:.1e} |")
+                f"| {fmt_s(cm)} | {fmt_s(rf)} (load {fmt_s(median(s['ref_load']))}) | {rf / cm:.2f}× | {one} "
+                f"| {cr:.0f} | {rr:.0f} | {cr / rr:.0%} | {ex['max_rel_p']:.1e} ({ex['checked']} tensors) "
+                f"| {s['vs_ref']:.1e} |")
     lines += ["", "I/O-bound operations against the I/O floor: a fresh process that reads the same files "
               "with `safetensors.torch.load_file` and writes the same bytes with `save_file` (the target's "
               "floor); cmerge also fsyncs what it writes, so the floor plus an fsync of the written file is "
@@ -494,11 +506,13 @@ def targets(results: list[Result]) -> list[str]:
 
 NOTES = """Notes.
 
-- OpenMP wait policy (measured separately while preparing this benchmark, not by this script):
-  with the default spin-waiting policy, two-thread LAPACK calls on these 2 cores were 15-25×
-  slower whenever other processes were running too (a 2048² float64 `eigh`: 29-53 s against
-  1.9-2.1 s with `OMP_WAIT_POLICY=PASSIVE` or one thread), for cmerge and the reference alike. The
-  benchmark sets PASSIVE for every process it starts; on a shared machine cmerge users should too.
+- OpenMP spinning (measured separately while preparing this benchmark, not by this script): torch's
+  MKL runs on GNU OpenMP, whose threads spin for a long while before sleeping. With two other
+  CPU-bound processes on these 2 cores, a 2048² float64 `eigh` took 36 s with the default against
+  1.7 s with `GOMP_SPINCOUNT=10000` (2.5 s with `OMP_WAIT_POLICY=PASSIVE`); on an idle machine
+  the short spin costs nothing (768²: 0.049 s as with the default) while PASSIVE makes small calls
+  2-3× slower (0.175 s). The benchmark sets `GOMP_SPINCOUNT=10000` for every process it starts,
+  cmerge and reference alike; cmerge users on shared machines should set it too.
 - Why the kernel works in float64: the diagonal terms of Eq. 9 use every singular pair, and in
   the dense noise bulk of a task vector a float32 SVD's singular vectors are ~1e-3 off
   (eps · s_1 / gap), which moves P(X) by ~1e-4 relative. That is the *vs reference* column: the
@@ -506,13 +520,19 @@ NOTES = """Notes.
   rounding. cmerge takes the SVD from a float64 `eigh` of the smaller Gram matrix (D Dᵀ or Dᵀ D),
   recomputes singular values below 1e-3 s_1 with a small SVD of their own block, and streams X
   through the float64 products in column chunks (`cmerge.linalg`).
-- Where the speed-up comes from and where it stops: for a rectangular weight the reference's full
-  SVD also builds the large V (3072² for ViT's MLP, 11008² for LLaMA's) and multiplies by it,
-  cmerge's `eigh` is of the small side only. For a square weight (ViT's 768² attention, LLaMA's
-  4096²) a float64 `eigh` of the r × r Gram matrix costs about what a float32 SVD of the same size
-  costs, and the float64 products cost twice the reference's float32 ones, so on LLaMA's square
-  attention weights the two are about even: the (c) speed-up is bounded by exactness on this
-  CPU, not by I/O. A float32 kernel would be faster but ~1e-4 off (target 1 asks for 1e-5).
+- Where cmerge's time goes and why the speed-up is small: the float64 work is the floor of an exact
+  kernel — per weight, a float64 `eigh` of the r × r Gram matrix and four float64 products of size
+  r·m·n (Gram, Dᵀ U, UᵀX, the result) — against the reference's float32 SVD and float32 products.
+  The reference's full SVD of a rectangular weight also builds the large V (3072² for ViT's MLP,
+  11008² for LLaMA's) and multiplies by it, which is where cmerge gains; for square weights (ViT's
+  768², LLaMA's 4096² attention) a float64 `eigh` costs about what the float32 SVD costs and the
+  float64 products cost twice as much, so there the two are about even. A float32 kernel would be
+  roughly twice as fast in the products but ~1e-4 off (target 1 asks for 1e-5), and float32 for
+  only the two products with X (measured 2-3e-7 off) loses exactness where P(X) is small next
+  to X. On top of that, `cmerge add` reads and hashes the next tensors in a background thread
+  while the main thread computes: on 2 cores that thread collides with the two OpenMP threads of
+  every LAPACK call (a 768² float64 `eigh`: 0.04 s alone, 0.16-0.19 s next to a hashing thread,
+  0.064 s with one OpenMP thread), hence the *1 thread* column.
 - (c) is measured once per number and with the linear weights of decoder layer 0 projected only
   (`--c-project layer0`; the other layers' weights use the identity rule in both approaches):
   projecting both layers doubles the compute of each step, and three runs of steps 2 and 5 on
