@@ -328,19 +328,103 @@ def test_continual_finetuning_matrix_is_cached_per_order(loaded, tmp_path, monke
 
 # ---------------------------------------------------------------- benchmark
 
-def test_method_specs_parse_typed_parameters_and_paper_lambdas():
-    from cmerge.suites.bench import parse_method_specs
+def test_method_specs_parse_typed_parameters_suite_keys_and_paper_lambdas():
+    from cmerge.suites.bench import parse_method_specs, resolve_params
 
-    specs = parse_method_specs("opcm, task_arithmetic,ties:lam=0.5,opcm:alpha=0.8:keep_diagonal=true", 8)
-    assert [s.label for s in specs] == ["opcm", "task_arithmetic", "ties:lam=0.5", "opcm:alpha=0.8:keep_diagonal=true"]
-    assert specs[0].params == {} and specs[1].params == {"lam": 0.3} and specs[2].params["lam"] == 0.5
+    specs = parse_method_specs("opcm, task_arithmetic,ties:lam=0.5,opcm:alpha=0.8:keep_diagonal=true,"
+                               "fisher_merge:experts=linear:align=ridge")
+    assert [s.label for s in specs] == ["opcm", "task_arithmetic", "ties:lam=0.5", "opcm:alpha=0.8:keep_diagonal=true",
+                                        "fisher_merge:experts=linear:align=ridge"]
+    assert specs[0].params == {} and specs[1].params == {} and specs[2].params["lam"] == 0.5
     assert specs[3].method == "opcm" and specs[3].params == {"alpha": 0.8, "keep_diagonal": True}
-    assert parse_method_specs("task_arithmetic", 14)[0].params == {"lam": 0.1}
+    assert (specs[4].params, specs[4].experts, specs[4].align) == ({}, "linear", "ridge")
+    assert specs[0].experts == "standard" and specs[0].align == "off"
+    assert resolve_params(specs[1], {}, 8)[0] == {"lam": 0.3}
+    assert resolve_params(specs[1], {}, 14)[0] == {"lam": 0.1}
+    assert resolve_params(specs[2], {}, 8)[0] == {"lam": 0.5}  # given beats the paper's value
+    sweeps = {"task_arithmetic.lam": {"best": {"value": 0.7}}, "opcm.alpha": {"best": {"value": 0.4}}}
+    params, chosen = resolve_params(specs[1], sweeps, 8)
+    assert params == {"lam": 0.7} and "sweep" in chosen["lam"]
+    assert resolve_params(specs[3], sweeps, 8)[0]["alpha"] == 0.8  # given beats the sweep
+    assert resolve_params(specs[0], sweeps, 8)[0] == {"alpha": 0.4}
     for bad, match in (("nope", "unknown method"), ("opcm:beta=1", "no parameter 'beta'"),
                        ("opcm:alpha", "name=value"), ("opcm:alpha=x", "alpha must be a float"),
-                       ("opcm:keep_diagonal=maybe", "true or false"), ("opcm,opcm", "at most once"), ("", "at least one")):
+                       ("opcm:keep_diagonal=maybe", "true or false"), ("opcm,opcm", "at most once"), ("", "at least one"),
+                       ("opcm:experts=huge", "experts must be one of"), ("opcm:align=yes", "align must be one of")):
         with pytest.raises(CmergeError, match=match):
-            parse_method_specs(bad, 8)
+            parse_method_specs(bad)
+
+
+def test_sweep_specs_take_the_papers_grids_or_the_given_one():
+    from cmerge.suites.bench import GRID_01, parse_sweep_specs
+
+    ta, opcm = parse_sweep_specs(["task_arithmetic:lam", "opcm:alpha=0.3/0.5"])
+    assert ta.values == GRID_01 and GRID_01[0] == 0.1 and GRID_01[-1] == 1.0 and len(GRID_01) == 10
+    assert opcm.name == "opcm.alpha" and opcm.values == (0.3, 0.5)
+    for bad, match in ((["opcm"], "METHOD:PARAM"), (["opcm:beta"], "no parameter 'beta'"),
+                       (["magmax:scale"], "no default grid"), (["opcm:alpha", "opcm:alpha=0.5"], "twice"),
+                       (["opcm:alpha=x"], "must be a float")):
+        with pytest.raises(CmergeError, match=match):
+            parse_sweep_specs(bad)
+
+
+def test_results_updates_under_the_lock_keep_concurrent_rows(tmp_path):
+    from cmerge.evaluation.results import load_results, method_entry, new_results, save_results
+    from cmerge.suites.bench import _add_new, _update
+
+    path = tmp_path / "results.json"
+    save_results(new_results(["a", "b"]), path)
+    entry = method_entry([[[50.0], [40.0, 60.0]]], [["a", "b"]], method="average")
+    stale = load_results(path)  # what a second process read before the first one finished
+    _update(path, lambda r: _add_new(r, "methods", "first", entry))
+    _update(path, lambda r: _add_new(r, "methods", "second", entry))
+    _update(path, lambda r: _add_new(r, "methods", "first", {**entry, "acc_mean": -1.0}))  # finished twice
+    final = load_results(path)
+    assert set(final["methods"]) == {"first", "second"} and final["methods"]["first"]["acc_mean"] == 50.0
+    assert stale["methods"] == {} and not path.with_name("results.json.partial").exists()
+
+
+# ---------------------------------------------------------------- alignment
+
+def test_final_norm_features_are_the_affine_map_of_normalised_means(loaded):
+    from cmerge.suites.align import FinalNormAligner, final_layer_norm
+
+    model, tokenizer, _ = loaded
+    aligner = FinalNormAligner(model, tokenizer, TASKS, samples=24, max_len=16)
+    assert final_layer_norm(model) == "encoder.layer.1.output.LayerNorm"
+    state = model.state_dict()
+    u = aligner.normalized_means(state, "colors")
+    gamma, beta = state[f"{aligner.norm}.weight"], state[f"{aligner.norm}.bias"]
+    torch.testing.assert_close(u * gamma + beta, aligner.features(state, "colors"), rtol=1e-5, atol=1e-5)
+    assert u.shape == (24, 32)
+
+
+@pytest.mark.parametrize("mode", ["ridge", "adam"])
+def test_alignment_pulls_merged_features_to_the_previous_model(loaded, base_folder, tmp_path, mode):
+    from cmerge.alignment import feature_discrepancy
+    from cmerge.merger import Merger
+    from cmerge.suites.align import FinalNormAligner
+
+    model, tokenizer, _ = loaded
+    experts = {name: train_expert(model, tokenizer, base_folder, task, replace(FAST, steps=6), cache_dir=tmp_path,
+                                  progress=False) for name, task in TASKS.items()}
+    aligner = FinalNormAligner(model, tokenizer, TASKS, mode=mode, samples=32, max_len=16, steps=100, lr=1e-2)
+    merger = Merger(base_folder, "average")
+    merger.add(experts["colors"], name="colors")
+    assert aligner(merger, 1, "colors", None) is None  # step 1 is left alone
+    previous = merger.state_dict()
+    merger.add(experts["animals"], name="animals")
+    unaligned = merger.state_dict()
+    target = aligner.features(previous, "animals")
+    before = feature_discrepancy(aligner.features(unaligned, "animals"), target)
+    info = aligner(merger, 2, "animals", previous)
+    aligned = merger.state_dict()
+    after = feature_discrepancy(aligner.features(aligned, "animals"), target)
+    assert info["applied"] and after < before
+    assert info["discrepancy_before"] == pytest.approx(before, rel=1e-4)
+    assert info["discrepancy_after"] == pytest.approx(after, rel=1e-4)
+    changed = {k for k in aligned if not torch.equal(aligned[k], unaligned[k])}
+    assert changed == {f"{aligner.norm}.weight", f"{aligner.norm}.bias"}
 
 
 def test_text_bench_writes_results_and_report_and_resumes(base_folder, tmp_path, monkeypatch):
@@ -373,6 +457,34 @@ def test_bench_text_command_is_registered():
 
     result = CliRunner().invoke(main, ["bench", "text", "--help"])
     assert result.exit_code == 0 and "--continual-ft-orders" in result.output
+
+
+def test_text_bench_sweeps_linear_experts_and_alignment_rows(base_folder, tmp_path):
+    from cmerge.evaluation.results import load_results
+    from cmerge.suites import bench
+
+    out = tmp_path / "out"
+    results = bench.run_text_bench(
+        out, TASKS, methods="task_arithmetic,average:align=ridge,opcm:experts=linear", n_orders=2,
+        sweeps=["task_arithmetic:lam=0.2/0.9"], sweep_orders=1, recipe=replace(FAST, steps=4),
+        backbone_folder=base_folder, cache_dir=tmp_path / "cache", progress=False, align_samples=16)
+    saved = load_results(out / "results.json")
+    sweep = saved["sweeps"]["task_arithmetic.lam"]
+    assert sweep["values"] == [0.2, 0.9] and sweep["rows"] == "diagonal+final"
+    assert all(len(e["orders"]) == 1 for e in sweep["entries"])
+    first = sweep["entries"][0]["matrices"][0]  # the diagonal and the final row only
+    assert first[0][0] is not None and first[-1][0] is not None
+    ta = saved["methods"]["task_arithmetic"]
+    assert ta["params"]["lam"] == sweep["best"]["value"] and "sweep" in ta["chosen"]["lam"]
+    assert len(ta["orders"]) == 2 and ta["experts"] == "standard"
+    aligned = saved["methods"]["average:align=ridge"]
+    assert aligned["alignment"]["align"] == "ridge"
+    steps = aligned["post_step"][0]
+    assert steps[0] is None and steps[1]["discrepancy_after"] <= steps[1]["discrepancy_before"]
+    assert saved["methods"]["opcm:experts=linear"]["experts"] == "linear"
+    assert set(saved["reference"]["finetuned_linear"]) == set(TASKS)
+    assert results["methods"].keys() == saved["methods"].keys()
+    assert "tangent space" in (out / "table.md").read_text()
 
 
 def test_bench_refuses_missing_packages_and_bad_sizes(monkeypatch, tmp_path):

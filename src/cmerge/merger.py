@@ -12,10 +12,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import TensorSource, open_source, parse_dtype
-from .engine import Plan, check_compatible, iter_merged, resolve_extras, run_step
+from .checkpoint import TensorSource, dtype_name, open_source, parse_dtype
+from .engine import Plan, check_compatible, iter_merged, resolve_device, resolve_extras, run_step
 from .errors import CmergeError
-from .layers import classify
+from .layers import PASSTHROUGH, classify
 from .methods import get_method
 
 
@@ -52,6 +52,7 @@ class Merger:
         self.plan = Plan(metas, kinds)
         self.scalars: dict[str, Any] = self.method.initial_scalars()
         self.steps: list[dict[str, Any]] = []
+        self.overrides: list[dict[str, Any]] = []  # {"after_step": t, "tensors": [names]} per override()
         self._acc = _DictAccumulators()
 
     @property
@@ -77,6 +78,52 @@ class Merger:
                  **self.method.step_summary(out.scalars), "protected_rank": out.notes or None}
         self.steps.append(entry)
         return entry
+
+    def override(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace the merged value θ_merged of the named tensors, e.g. after representation alignment.
+
+        ``tensors`` maps names to full tensors of any floating dtype (converted to the compute
+        dtype). Afterwards ``state_dict()`` returns them and the next ``add()`` continues from
+        them: the method's accumulators are set by ``Method.unmerge``, its other state (e.g.
+        fisher_merge's F̄, OPCM's λ) is kept. Everything is checked before anything changes;
+        a refusal (CmergeError) leaves the merge as it was. Recorded in ``self.overrides``.
+        """
+        if not self.steps:
+            raise CmergeError("nothing has been merged yet, so there is nothing to override; call add() first.")
+        dev = resolve_device(self.device)
+        new: dict[str, dict[str, torch.Tensor]] = {}
+        for name, x in tensors.items():
+            if name not in self.plan.metas:
+                raise CmergeError(f"cannot override tensor {name!r}: the base model has no tensor of that name.")
+            if self.plan.kinds[name] == PASSTHROUGH or any(name not in self._acc.data.get(a, {})
+                                                          for a in self.method.accumulators):
+                raise CmergeError(f"cannot override tensor {name!r}: it is not merged (a non-floating tensor copied "
+                                  f"from the base).")
+            if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+                what = dtype_name(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise CmergeError(f"cannot override tensor {name!r}: the new value is {what}, not a floating-point "
+                                  f"torch tensor.")
+            want = tuple(self.plan.metas[name].shape)
+            if tuple(x.shape) != want:
+                raise CmergeError(f"cannot override tensor {name!r}: the new value has shape {list(x.shape)} but the "
+                                  f"merged tensor's is {list(want)}.")
+            x = x.detach().to(dev, self.compute_dtype)
+            if not bool(torch.isfinite(x).all()):
+                raise CmergeError(f"cannot override tensor {name!r}: the new value contains NaN or Inf "
+                                  f"(in {dtype_name(self.compute_dtype)}); nothing was changed.")
+            base = self.base.get(name).to(dev, self.compute_dtype)
+            acc = {a: self._acc.get(a, name).to(dev, self.compute_dtype) for a in self.method.accumulators}
+            out = self.method.unmerge(base, x, acc, self.scalars)
+            if not all(bool(torch.isfinite(v).all()) for v in out.values()):
+                raise CmergeError(f"cannot override tensor {name!r}: method {self.method.name} would store NaN or Inf "
+                                  f"for it; nothing was changed.")
+            new[name] = {a: out[a].to("cpu", self.compute_dtype) for a in self.method.accumulators}
+        if not new:
+            return
+        for name, accs in new.items():
+            for a, v in accs.items():
+                self._acc.put(a, name, v)
+        self.overrides.append({"after_step": len(self.steps), "tensors": sorted(new)})
 
     def state_dict(self, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """θ_merged as a state dict (dtype: the compute dtype unless given)."""

@@ -22,7 +22,8 @@ from cmerge.evaluation import plots
 from cmerge.evaluation.metrics import mean_std
 from cmerge.evaluation.results import refresh_summaries, validate_results
 
-REFERENCE_LABELS = {"pretrained": "Pre-trained", "finetuned": "Fine-tuned (individual)"}
+REFERENCE_LABELS = {"pretrained": "Pre-trained", "finetuned": "Fine-tuned (individual)",
+                    "finetuned_linear": "Fine-tuned in tangent space (individual)"}
 
 
 def slug(name: str) -> str:

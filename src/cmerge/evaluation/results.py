@@ -102,9 +102,9 @@ def combine_results(*parts: dict) -> dict:
     for part in parts[1:]:
         if list(part["tasks"]) != combined["tasks"]:
             raise ValueError("results over different task lists cannot be combined")
-        for kind in ("pretrained", "finetuned"):
-            if not combined["reference"].get(kind) and part.get("reference", {}).get(kind):
-                combined["reference"][kind] = dict(part["reference"][kind])
+        for kind, row in part.get("reference", {}).items():
+            if not combined["reference"].get(kind) and row:
+                combined["reference"][kind] = dict(row)
         for name, entry in part["methods"].items():
             add_method(combined, name, entry)
         for name, sweep in part.get("sweeps", {}).items():
@@ -176,10 +176,12 @@ def dumps(obj: Any, indent: int = 0) -> str:
 
 
 def save_results(results: dict, path: str | Path) -> Path:
-    """Write the document as JSON (NaN as null), one matrix row per line."""
+    """Write the document as JSON (NaN as null), one matrix row per line; atomically (temp file, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps(to_jsonable(results)) + "\n", encoding="utf-8")
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(dumps(to_jsonable(results)) + "\n", encoding="utf-8")
+    tmp.replace(path)
     return path
 
 

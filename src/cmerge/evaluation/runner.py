@@ -9,7 +9,7 @@ Per step the runner also records λ_t (OPCM), ‖τ_t‖ and ‖θ_merged − θ
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -77,22 +77,44 @@ def _step_field(step: Any, key: str) -> Any:
     return None if value is None else float(value)
 
 
+PostStep = Callable[[Merger, int, str, "dict[str, torch.Tensor] | None"], "Mapping[str, Any] | None"]
+ROWS = ("all", "diagonal+final")
+
+
 def run_order(
     method: str, params: Mapping[str, Any], base: Any, experts: Mapping[str, Any], evaluator: Evaluator,
-    order: Sequence[str], bar=None,
+    order: Sequence[str], bar=None, *, post_step: PostStep | None = None, rows: str = "all",
 ) -> dict[str, list]:
-    """One order: merge step by step in memory; return its accuracy/loss matrices and per-step diagnostics."""
+    """One order: merge step by step in memory; return its accuracy/loss matrices and per-step diagnostics.
+
+    ``post_step(merger, t, task, previous)`` runs after step t's merge and before its
+    evaluation, with ``previous`` the merged state dict of step t − 1 (None at t = 1); it
+    may correct the merged model with ``merger.override`` (post-merge alignment) and may
+    return a dict of numbers, recorded per step. ``rows="diagonal+final"`` scores only
+    what ACC and BWT need (the new task after each step, every task after the last; the
+    other entries are NaN), for sweeps.
+    """
+    if rows not in ROWS:
+        raise CmergeError(f"rows must be one of {', '.join(ROWS)}, got {rows!r}.")
     merger = Merger(base, method=method, **dict(params))
-    record: dict[str, list] = {"matrix": [], "losses": [], "lambdas": [], "task_norms": [], "merged_norms": []}
+    record: dict[str, list] = {"matrix": [], "losses": [], "lambdas": [], "task_norms": [], "merged_norms": [],
+                               "post_step": []}
+    previous = None
     for t, task in enumerate(order):
         step = merger.add(experts[task], name=task)
+        if post_step is not None:
+            record["post_step"].append(post_step(merger, t + 1, task, previous))
         merged = merger.state_dict()
-        accs, losses = score(evaluator, merged, order[: t + 1])
-        record["matrix"].append(accs)
-        record["losses"].append(losses)
+        seen = order[: t + 1]
+        chosen = seen if rows == "all" or t == len(order) - 1 else [task]
+        accs, losses = score(evaluator, merged, chosen)
+        by_task = dict(zip(chosen, zip(accs, losses)))
+        record["matrix"].append([by_task[name][0] if name in by_task else math.nan for name in seen])
+        record["losses"].append([by_task[name][1] if name in by_task else math.nan for name in seen])
         record["lambdas"].append(_step_field(step, "lambda"))
         record["task_norms"].append(_step_field(step, "norm"))
         record["merged_norms"].append(delta_norm(merged, base))
+        previous = merged if post_step is not None else None
         if bar is not None:
             bar.update(1)
     return record
@@ -101,13 +123,16 @@ def run_order(
 def run_method(
     method: str, params: Mapping[str, Any] | None, base: Any, experts: Mapping[str, Any], evaluator: Evaluator,
     orders: Sequence[Sequence[str]], *, progress: bool | tqdm = True, desc: str | None = None,
+    post_step: PostStep | None = None, rows: str = "all",
 ) -> dict:
-    """A method entry (results.method_entry) over the given orders, with per-step diagnostics."""
+    """A method entry (results.method_entry) over the given orders, with per-step diagnostics
+    (``post_step`` and ``rows``: see :func:`run_order`)."""
     params = dict(params or {})
     orders = check_orders(orders, list(experts))
     bar = _progress(sum(len(o) for o in orders), desc or method, progress)
     try:
-        records = [run_order(method, params, base, experts, evaluator, order, bar) for order in orders]
+        records = [run_order(method, params, base, experts, evaluator, order, bar, post_step=post_step, rows=rows)
+                   for order in orders]
     finally:
         if bar is not progress:
             bar.close()
@@ -118,6 +143,10 @@ def run_method(
     }
     if any(v is not None for r in records for v in r["lambdas"]):
         diagnostics["lambdas"] = [r["lambdas"] for r in records]
+    if post_step is not None:
+        diagnostics["post_step"] = [r["post_step"] for r in records]
+    if rows != "all":
+        diagnostics["rows"] = rows
     return method_entry([r["matrix"] for r in records], orders, method=method, params=params, **diagnostics)
 
 

@@ -51,9 +51,13 @@ def sweep_entry(
 def run_sweep(
     method: str, param: str, values: Sequence[Any], base: Any, experts: Mapping[str, Any], evaluator: Evaluator,
     params: Mapping[str, Any] | None = None, orders: Sequence[Sequence[str]] | None = None, n_orders: int = 10,
-    seed: int = 0, *, progress: bool = True,
+    seed: int = 0, *, progress: bool = True, rows: str = "all",
 ) -> dict:
-    """Run ``method`` once per value of ``param`` (other parameters from ``params``) over shared orders."""
+    """Run ``method`` once per value of ``param`` (other parameters from ``params``) over shared orders.
+
+    ``rows="diagonal+final"`` scores only the entries ACC and BWT need (runner.run_order),
+    about 2.4× fewer evaluations on 8 tasks; the sweep records which rows it scored.
+    """
     check_param(method, param)
     params = dict(params or {})
     chosen = resolve_orders(list(experts), orders, n_orders, seed)
@@ -61,5 +65,8 @@ def run_sweep(
     entries = []
     with tqdm(total=total, desc=f"{method} {param} sweep", unit="step", disable=not progress, leave=False) as bar:
         for value in values:
-            entries.append(run_method(method, {**params, param: value}, base, experts, evaluator, chosen, progress=bar))
-    return sweep_entry(method, param, values, entries, params)
+            entries.append(run_method(method, {**params, param: value}, base, experts, evaluator, chosen, progress=bar,
+                                      rows=rows))
+    sweep = sweep_entry(method, param, values, entries, params)
+    sweep["rows"] = rows
+    return sweep

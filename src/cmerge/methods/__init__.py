@@ -6,13 +6,15 @@ from typing import Any
 from ..errors import CmergeError
 from .average import Average
 from .base import Method, Param, TensorStep, TensorUpdate
+from .ema import EMA
 from .fisher_merge import FisherMerge
 from .magmax import MagMax
 from .opcm import OPCM
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (OPCM, Average, TaskArithmetic, Ties, MagMax, FisherMerge)}
+REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls for cls in (OPCM, Average, TaskArithmetic, Ties, MagMax, FisherMerge, EMA)}
 
 
 def register(cls: type[Method]) -> type[Method]:

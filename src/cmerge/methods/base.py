@@ -110,6 +110,17 @@ class Method:
         """θ_merged for one tensor from the base tensor and the accumulators."""
         raise NotImplementedError  # pragma: no cover
 
+    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
+                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """All accumulators of one tensor such that ``self.merged(base, result, scalars)`` is ``merged``.
+
+        The inverse of :meth:`merged`, for post-merge corrections (e.g. representation
+        alignment) that replace a few merged tensors: the next step then continues from the
+        corrected model. Accumulators that do not hold the merged model (e.g. fisher_merge's
+        F̄) are returned unchanged, and so are the global ``scalars`` (not returned).
+        """
+        raise CmergeError(f"method {self.name!r} cannot take a corrected merged model.")
+
     def step_summary(self, scalars: Mapping[str, Any]) -> dict[str, Any]:
         """Numbers worth showing in the step log (e.g. λ_t)."""
         return {}

@@ -23,6 +23,20 @@ from ..errors import CmergeError
 from .base import Method, Param, TensorStep, TensorUpdate, check_positive
 
 
+#: α and its schedule, shared with ``ema`` (this rule with all Fisher values equal).
+ALPHA_PARAMS = (
+    Param("alpha", float, 0.4, "weight α ∈ (0, 1] of the new model in the interpolation (fisher_merge: before the "
+          "element-wise Fisher weighting)."),
+    Param("alpha_schedule", str, "constant", "'constant' α, or 'running' α_t = 1/t (a running mean over the "
+          "t models merged so far).", ("constant", "running")),
+)
+
+
+def alpha_at(params: Mapping[str, Any], t: int) -> float:
+    """α_t, the new model's weight at step t (1-based): the constant α, or 1/t for alpha_schedule=running."""
+    return 1.0 / t if params["alpha_schedule"] == "running" else params["alpha"]
+
+
 def fisher_weight(f_new: torch.Tensor, f_bar: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
     """ω = α F_t / ((1 − α) F̄_{t−1} + α F_t + ε), element-wise."""
     return alpha * f_new / ((1 - alpha) * f_bar + alpha * f_new + eps)
@@ -41,10 +55,7 @@ def adam_bias_correction(meta: Mapping[str, str]) -> float:
 class FisherMerge(Method):
     name = "fisher_merge"
     summary = "Element-wise Fisher-weighted interpolation with AdamW second moments (holistic CMM, Sec. 'during merging')."
-    params = (
-        Param("alpha", float, 0.4, "weight α of the new model in the Fisher-weighted interpolation."),
-        Param("alpha_schedule", str, "constant", "'constant' α, or 'running' α_t = 1/t (a running mean over the "
-              "t models merged so far).", ("constant", "running")),
+    params = ALPHA_PARAMS + (
         Param("eps", float, 1e-12, "ε added to the denominator; elements with zero Fisher in both keep the merged value."),
         Param("bias_correction", bool, False, "divide each F_t by 1 − β2^step (Adam's bias correction), with step and "
               "β2 from the Fisher file's metadata keys 'adam_step' and 'adam_beta2'; the reference uses raw values."),
@@ -56,9 +67,6 @@ class FisherMerge(Method):
         check_positive(self.name, "alpha", self.p["alpha"], upper=1.0)
         check_positive(self.name, "eps", self.p["eps"])
 
-    def alpha_at(self, t: int) -> float:
-        return 1.0 / t if self.p["alpha_schedule"] == "running" else self.p["alpha"]
-
     def rule(self, s: TensorStep) -> TensorUpdate:
         f_new = s.extra["fisher"]
         if bool((f_new < 0).any()):
@@ -67,10 +75,15 @@ class FisherMerge(Method):
             f_new = f_new / adam_bias_correction(s.extra_meta.get("fisher", {}))
         if s.t == 1:
             return TensorUpdate({"M": s.tau, "F": f_new})
-        a = self.alpha_at(s.t)
+        a = alpha_at(self.p, s.t)
         m, f_bar = s.acc["M"], s.acc["F"]
         omega = fisher_weight(f_new, f_bar, a, self.p["eps"])
         return TensorUpdate({"M": m + omega * (s.tau - m), "F": (1 - a) * f_bar + a * f_new})
 
     def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
         return base + acc["M"]
+
+    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
+                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """M = θ_merged − θ0; F̄ is kept (it does not depend on the merged weights)."""
+        return {"M": merged - base, "F": acc["F"]}

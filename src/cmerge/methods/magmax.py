@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..errors import CmergeError
 from .base import Method, Param, TensorStep, TensorUpdate
 
 
@@ -26,3 +27,11 @@ class MagMax(Method):
 
     def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
         return base + self.p["scale"] * acc["M"]
+
+    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
+                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """τ_max = (θ_merged − θ0) / scale: later models then compete with the corrected entries."""
+        if self.p["scale"] == 0:
+            raise CmergeError("magmax with scale 0 always returns the base model, so it cannot take a corrected "
+                              "merged model.")
+        return {"M": (merged - base) / self.p["scale"]}

@@ -71,5 +71,16 @@ class OPCM(Method):
     def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
         return base + acc["S"] / scalars["lambda"]
 
+    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
+                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """S_t = λ_t (θ_merged − θ0) with the stored λ_t.
+
+        λ_t and N̄_t are kept, so the next step adds P(τ_{t+1}) to λ_t (θ_corrected − θ0)
+        exactly as it would have to the uncorrected model, projects against the corrected
+        tensor, and rescales by λ_{t+1} = ‖S_{t+1}‖ / N̄_{t+1}. Until then ‖θ_merged − θ0‖ is
+        the corrected model's norm, no longer N̄_t.
+        """
+        return {"S": (merged - base) * scalars["lambda"]}
+
     def step_summary(self, scalars: Mapping[str, Any]) -> dict[str, Any]:
         return {"lambda": scalars["lambda"], "mean_norm": scalars["mean_norm"], "merged_norm": scalars["merged_norm"]}

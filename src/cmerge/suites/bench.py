@@ -10,24 +10,39 @@ evaluation package's report (tables, CSVs, figures).
 already holds results over the same tasks, orders and recipe keeps the finished methods,
 so an interrupted run continues where it stopped.
 
-A method is named on the command line as ``NAME`` or ``NAME:param=value:param=value``
-(``opcm:alpha=0.8``); values are parsed with the types the registry declares.
-Task arithmetic and TIES take the paper's λ for the suite size unless ``lam`` is given
-(0.3 for 8 tasks, 0.1 for more; OPCM paper Appendix C.1.1).
+Several runs may write into the same folder at once (say, one process per group of
+rows): every update of ``results.json`` re-reads it under a file lock and adds only its
+own rows.
+
+A row is named on the command line as ``NAME`` or ``NAME:key=value:key=value``
+(``opcm:alpha=0.8``): the keys are the method's registry parameters (parsed with the
+declared types) plus two suite keys, ``experts=standard|linear`` (the linearised
+experts, fine-tuned in tangent space, holistic CMM "pre-merging") and
+``align=off|ridge|adam`` (post-merge representation alignment, :mod:`align`).
+
+Sweeps (``method:param`` with an optional ``=v1/v2/...`` grid; the papers' grids by
+default) run on the first ``sweep_orders`` orders, scoring only the entries ACC and BWT
+need; a row that does not set the swept parameter then takes the sweep's best value
+(the paper's way of choosing λ). Without a sweep, task arithmetic and TIES take the
+paper's λ for the suite size (0.3 for 8 tasks, 0.1 for more; OPCM paper Appendix C.1.1).
 """
 from __future__ import annotations
 
+import fcntl
 import logging
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from cmerge.errors import CmergeError
 from cmerge.evaluation.orders import shuffled_orders
 from cmerge.evaluation.report import write_report
-from cmerge.evaluation.results import add_method, load_results, new_results, save_results
-from cmerge.evaluation.runner import evaluate_reference, run_method
+from cmerge.evaluation.results import add_method, add_sweep, load_results, new_results, save_results
+from cmerge.evaluation.runner import evaluate_reference, materialize, run_method, score
+from cmerge.evaluation.sweep import check_param, run_sweep
 from cmerge.methods import REGISTRY
+from cmerge.suites.align import MODES as ALIGN_MODES, FinalNormAligner
 from cmerge.suites.backbone import base_fingerprint, load_backbone
 from cmerge.suites.continual_ft import METHOD_NAME as CONTINUAL_FT, continual_finetuning_entry
 from cmerge.suites.experts import build_experts
@@ -41,15 +56,34 @@ SUITES = {8: TASKS_8, 14: TASKS_14}
 RESULTS_FILE = "results.json"
 PAPER_LAMBDA = {8: 0.3, 14: 0.1}  # continual task arithmetic / TIES, OPCM paper C.1.1
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+EXPERT_SETS = ("standard", "linear")
+GRID_01 = tuple(round(0.1 * i, 1) for i in range(1, 11))
+DEFAULT_GRIDS = {("task_arithmetic", "lam"): GRID_01, ("ties", "lam"): GRID_01, ("opcm", "alpha"): GRID_01}
+SWEEP_ROWS = "diagonal+final"
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One row of the benchmark: a registry method, its parameters, and the row's label."""
+    """One row of the benchmark: a registry method, its parameters, which experts, which alignment."""
 
     label: str
     method: str
     params: dict[str, Any] = field(default_factory=dict)
+    experts: str = "standard"
+    align: str = "off"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A grid over one registry parameter of one method."""
+
+    method: str
+    param: str
+    values: tuple[Any, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}.{self.param}"
 
 
 def _parse_value(method: str, name: str, text: str) -> Any:
@@ -64,7 +98,7 @@ def _parse_value(method: str, name: str, text: str) -> Any:
     return p.coerce(text, method)
 
 
-def parse_method_specs(text: str, n_tasks: int) -> list[MethodSpec]:
+def parse_method_specs(text: str) -> list[MethodSpec]:
     """``"opcm,average,task_arithmetic:lam=0.2"`` → method specs, checked against the registry."""
     specs = []
     for item in (s.strip() for s in text.split(",")):
@@ -73,19 +107,76 @@ def parse_method_specs(text: str, n_tasks: int) -> list[MethodSpec]:
         method, *assignments = item.split(":")
         if method not in REGISTRY:
             raise CmergeError(f"unknown method {method!r} in --methods; choose from {', '.join(sorted(REGISTRY))}.")
-        params = {}
+        params, suite_keys = {}, {"experts": "standard", "align": "off"}
         for a in assignments:
             name, eq, value = a.partition("=")
             if not eq:
                 raise CmergeError(f"--methods entry {item!r}: write parameters as name=value, got {a!r}.")
-            params[name] = _parse_value(method, name, value)
-        if "lam" in {p.name for p in REGISTRY[method].params} and "lam" not in params:
-            params["lam"] = PAPER_LAMBDA[8] if n_tasks <= 8 else PAPER_LAMBDA[14]
-        specs.append(MethodSpec(item, method, params))
+            if name in suite_keys:
+                allowed = EXPERT_SETS if name == "experts" else ALIGN_MODES
+                if value not in allowed:
+                    raise CmergeError(f"--methods entry {item!r}: {name} must be one of {', '.join(allowed)}.")
+                suite_keys[name] = value
+            else:
+                params[name] = _parse_value(method, name, value)
+        specs.append(MethodSpec(item, method, params, **suite_keys))
     labels = [s.label for s in specs]
     if not specs or len(set(labels)) < len(labels):
         raise CmergeError("--methods must name at least one method, each at most once.")
     return specs
+
+
+def parse_sweep_specs(items: Sequence[str]) -> list[SweepSpec]:
+    """``["task_arithmetic:lam", "opcm:alpha=0.3/0.5/0.7"]`` → sweeps (default grids from the papers)."""
+    specs = []
+    for item in items:
+        head, eq, grid = item.partition("=")
+        method, colon, param = head.partition(":")
+        if not colon:
+            raise CmergeError(f"--sweep {item!r}: write METHOD:PARAM or METHOD:PARAM=v1/v2/...")
+        check_param(method, param)
+        if eq:
+            values = tuple(_parse_value(method, param, v) for v in grid.split("/") if v)
+        elif (method, param) in DEFAULT_GRIDS:
+            values = DEFAULT_GRIDS[method, param]
+        else:
+            raise CmergeError(f"--sweep {item!r}: there is no default grid for {method}.{param}; give one "
+                              f"as {method}:{param}=v1/v2/...")
+        if not values:
+            raise CmergeError(f"--sweep {item!r}: the grid is empty.")
+        specs.append(SweepSpec(method, param, values))
+    if len({s.name for s in specs}) < len(specs):
+        raise CmergeError("--sweep names the same method parameter twice.")
+    return specs
+
+
+def resolve_params(spec: MethodSpec, sweeps: Mapping[str, dict], n_tasks: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """A row's parameters: as given, else a sweep's best value, else the paper's λ; and where each came from."""
+    params, chosen = dict(spec.params), {}
+    for p in REGISTRY[spec.method].params:
+        sweep = sweeps.get(f"{spec.method}.{p.name}")
+        if p.name in params:
+            continue
+        if sweep is not None:
+            params[p.name] = sweep["best"]["value"]
+            chosen[p.name] = f"best of sweep {spec.method}.{p.name}"
+        elif p.name == "lam":
+            params["lam"] = PAPER_LAMBDA[8] if n_tasks <= 8 else PAPER_LAMBDA[14]
+            chosen["lam"] = "the paper's value for the suite size"
+    return params, chosen
+
+
+@contextmanager
+def locked_results(path: Path) -> Iterator[dict]:
+    """The results document on disk, re-read under an exclusive lock and written back atomically on exit."""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            results = load_results(path)
+            yield results
+            save_results(results, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _resumable(path: Path, tasks: Sequence[str], orders: list[list[str]], suite: dict) -> dict | None:
@@ -114,52 +205,102 @@ def load_suite(n_tasks: int) -> dict[str, TextTask]:
 def run_text_bench(
     out_dir: str | Path, tasks: Mapping[str, TextTask], *, methods: str | None = None, n_orders: int = 10,
     seed: int = 0, recipe: FinetuneRecipe | None = None, continual_ft_orders: int = 0,
+    sweeps: Sequence[str] = (), sweep_orders: int = 1, align_samples: int = 512,
     backbone_folder: Path | None = None, cache_dir: Path | None = None, progress: bool = True,
 ) -> dict:
     """Run the benchmark over ``tasks`` into ``out_dir`` and return the results document.
 
-    ``methods`` defaults to every registered method with its defaults; ``backbone_folder``
-    to the packaged all-MiniLM-L6-v2; ``cache_dir`` is the cache root of the experts and
+    ``methods`` defaults to every registered method with its defaults; ``sweeps`` and
+    row syntax are described in the module docstring; ``backbone_folder`` defaults to
+    the packaged all-MiniLM-L6-v2; ``cache_dir`` is the cache root of the experts and
     the continual fine-tuning matrices.
     """
     if not 0 <= continual_ft_orders <= n_orders:
         raise CmergeError(f"--continual-ft-orders must be between 0 and --orders ({n_orders}), got {continual_ft_orders}.")
+    if not 1 <= sweep_orders <= n_orders:
+        raise CmergeError(f"--sweep-orders must be between 1 and --orders ({n_orders}), got {sweep_orders}.")
     task_names = list(tasks)
-    specs = parse_method_specs(methods or ",".join(REGISTRY), len(task_names))
+    specs = parse_method_specs(methods or ",".join(REGISTRY))
+    sweep_specs = parse_sweep_specs(sweeps)
     recipe = recipe or FinetuneRecipe()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
 
     backbone, tokenizer, base_folder = load_backbone(backbone_folder)
-    experts = build_experts(backbone, tokenizer, base_folder, tasks.values(), recipe, cache_dir=cache_dir,
-                            progress=progress)
+    expert_sets = {"standard": build_experts(backbone, tokenizer, base_folder, tasks.values(), recipe,
+                                             cache_dir=cache_dir, progress=progress)}
+    if any(spec.experts == "linear" for spec in specs):
+        expert_sets["linear"] = build_experts(backbone, tokenizer, base_folder, tasks.values(),
+                                              replace(recipe, linearized=True), cache_dir=cache_dir, progress=progress)
+    experts = expert_sets["standard"]
     evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, max_len=recipe.max_len, logit_scale=recipe.logit_scale)
     orders = shuffled_orders(task_names, n_orders, seed)
     suite = {"name": "text", "backbone": base_fingerprint(base_folder), "recipe": recipe.to_dict(),
              "experts": {name: path.name for name, path in experts.items()}}
 
-    results = _resumable(results_path, task_names, orders, suite)
-    if results is None:
-        reference = evaluate_reference(base_folder, experts, evaluator)
-        results = new_results(task_names, reference, seed=seed, suite=suite, orders=orders)
-        save_results(results, results_path)
+    with open(results_path.with_name(RESULTS_FILE + ".lock"), "a") as lock:  # one process scores the references
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = _resumable(results_path, task_names, orders, suite)
+        if results is None:
+            reference = evaluate_reference(base_folder, experts, evaluator)
+            results = new_results(task_names, reference, seed=seed, suite=suite, orders=orders)
+            save_results(results, results_path)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    if "linear" in expert_sets and "finetuned_linear" not in results["reference"]:
+        linear = {t: score(evaluator, materialize(path, f"expert {t!r}"), [t])[0][0] for t, path in expert_sets["linear"].items()}
+        results = _update(results_path, lambda r: r["reference"].setdefault("finetuned_linear", linear))
+
+    for sweep in sweep_specs:
+        if sweep.name in results.get("sweeps", {}):
+            log.info("sweep %s: kept from the earlier run", sweep.name)
+            continue
+        entry = run_sweep(sweep.method, sweep.param, list(sweep.values), base_folder, experts, evaluator,
+                          orders=orders[:sweep_orders], progress=progress, rows=SWEEP_ROWS)
+        log.info("sweep %s: best %s (ACC %.1f)", sweep.name, entry["best"]["value"], entry["best"]["acc_mean"])
+        results = _update(results_path, lambda r: _add_new(r, "sweeps", sweep.name, entry))
+
     for spec in specs:
         if spec.label in results["methods"]:
             log.info("%s: kept from the earlier run", spec.label)
             continue
-        entry = run_method(spec.method, spec.params, base_folder, experts, evaluator, orders,
-                           progress=progress, desc=spec.label)
-        add_method(results, spec.label, entry)
-        save_results(results, results_path)
+        params, chosen = resolve_params(spec, results.get("sweeps", {}), len(task_names))
+        post_step = None
+        if spec.align != "off":
+            post_step = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align, samples=align_samples,
+                                         max_len=recipe.max_len)
+        entry = run_method(spec.method, params, base_folder, expert_sets[spec.experts], evaluator, orders,
+                           progress=progress, desc=spec.label, post_step=post_step)
+        entry["experts"] = spec.experts
+        if post_step is not None:
+            entry["alignment"] = post_step.params
+        if chosen:
+            entry["chosen"] = chosen
+        results = _update(results_path, lambda r: _add_new(r, "methods", spec.label, entry))
     if continual_ft_orders and CONTINUAL_FT not in results["methods"]:
         entry = continual_finetuning_entry(backbone, tokenizer, base_folder, tasks, orders[:continual_ft_orders],
                                            recipe, evaluator, cache_dir=cache_dir, progress=progress)
-        add_method(results, CONTINUAL_FT, entry)
-        save_results(results, results_path)
+        results = _update(results_path, lambda r: _add_new(r, "methods", CONTINUAL_FT, entry))
     if evaluator.task_evaluations:
-        results["timing"] = {"seconds_per_task_evaluation": evaluator.seconds_per_task,
-                             "task_evaluations": evaluator.task_evaluations}
-        save_results(results, results_path)
+        timing = {"seconds_per_task_evaluation": evaluator.seconds_per_task,
+                  "task_evaluations": evaluator.task_evaluations}
+        results = _update(results_path, lambda r: r.__setitem__("timing", timing))
     write_report(results, out_dir, title=f"Continual merging on the {len(task_names)}-task text suite")
+    return results
+
+
+def _add_new(results: dict, kind: str, name: str, entry: dict) -> None:
+    """Add a row (kind "methods") or a sweep unless a concurrent run into the same folder finished it first."""
+    if name in results.get(kind, {}):
+        log.info("%s: another run into this folder finished it first; keeping that one", name)
+    elif kind == "methods":
+        add_method(results, name, entry)
+    else:
+        add_sweep(results, entry, name)
+
+
+def _update(path: Path, change: Callable[[dict], Any]) -> dict:
+    """Apply ``change`` to the results on disk under the lock (concurrent runs see each other's rows)."""
+    with locked_results(path) as results:
+        change(results)
     return results

@@ -14,7 +14,7 @@ import torch
 from cmerge.suites.finetune import FinetuneRecipe
 
 
-FULL_ORDERS, DEMO_ORDERS = 10, 3
+FULL_ORDERS, DEMO_ORDERS = 10, 2
 
 
 @click.group("bench")
@@ -32,9 +32,19 @@ def bench_command() -> None:
                    "(minutes once the experts are cached).")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the order shuffle.")
 @click.option("--methods", default=None,
-              help="comma-separated rows, each NAME or NAME:param=value[:param=value] (see `cmerge methods`); "
-                   "default: every registered method (task arithmetic and TIES with the paper's λ for the "
-                   "suite size, 0.3 for 8 tasks and 0.1 for 14).")
+              help="comma-separated rows, each NAME or NAME:key=value[:key=value]: the method's parameters "
+                   "(see `cmerge methods`) and experts=standard|linear (tangent-space experts), "
+                   "align=off|ridge|adam (post-merge representation alignment); default: every registered "
+                   "method (task arithmetic and TIES with the best λ of a sweep, else the paper's λ: "
+                   "0.3 for 8 tasks, 0.1 for 14).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="METHOD:PARAM[=v1/v2/...]",
+              help="grid over one parameter (repeatable; default grids: task_arithmetic:lam and ties:lam "
+                   "0.1..1.0, opcm:alpha 0.1..1.0), run on the first --sweep-orders orders; rows that do not "
+                   "set the parameter take the best value.")
+@click.option("--sweep-orders", type=click.IntRange(min=1), default=1, show_default=True,
+              help="orders each swept value runs on (only the diagonal and final row are scored).")
+@click.option("--align-samples", type=click.IntRange(min=1), default=512, show_default=True,
+              help="current-task training inputs used by each alignment step (rows with align=...).")
 @click.option("--continual-ft-orders", type=click.IntRange(min=0), default=0, show_default=True,
               help="also run continual fine-tuning (a baseline row) on the first N orders; "
                    "each order costs one fine-tuning run per task.")
@@ -52,8 +62,9 @@ def bench_command() -> None:
                    "1 can be several times faster than more.")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars.")
 def text_command(n_tasks: str, n_orders: int | None, demo: bool, seed: int, methods: str | None,
-                 continual_ft_orders: int, steps: int, lr: float, cache_dir: Path | None, out_dir: Path,
-                 threads: int | None, quiet: bool) -> None:
+                 sweeps: tuple[str, ...], sweep_orders: int, align_samples: int, continual_ft_orders: int,
+                 steps: int, lr: float, cache_dir: Path | None, out_dir: Path, threads: int | None,
+                 quiet: bool) -> None:
     """Continual merging of all-MiniLM-L6-v2 experts on the offline text suite.
 
     Fine-tunes (or reuses from the cache) one expert per task with a frozen zero-shot
@@ -70,7 +81,8 @@ def text_command(n_tasks: str, n_orders: int | None, demo: bool, seed: int, meth
     if n_orders is None:
         n_orders = DEMO_ORDERS if demo else FULL_ORDERS
     results = run_text_bench(out_dir, load_suite(int(n_tasks)), methods=methods, n_orders=n_orders, seed=seed,
-                             recipe=FinetuneRecipe(steps=steps, lr=lr), continual_ft_orders=continual_ft_orders, cache_dir=cache_dir,
-                             progress=not quiet)
+                             sweeps=sweeps, sweep_orders=min(sweep_orders, n_orders), align_samples=align_samples,
+                             recipe=FinetuneRecipe(steps=steps, lr=lr), continual_ft_orders=continual_ft_orders,
+                             cache_dir=cache_dir, progress=not quiet)
     click.echo(table1_markdown(results))
     click.echo(f"wrote {out_dir / 'results.json'} and the report in {out_dir}", err=True)

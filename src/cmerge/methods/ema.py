@@ -1,0 +1,42 @@
+"""Plain interpolation (EMA): holistic CMM's ablation of Fisher merging without the Fisher weights.
+
+With α the weight of the new model:
+
+    θ̄_1 = θ_1,   θ̄_t = θ̄_{t−1} + α_t (θ_t − θ̄_{t−1}) = (1 − α_t) θ̄_{t−1} + α_t θ_t
+
+an exponential moving average of the experts (θ0 not included). This is ``fisher_merge``
+with all Fisher values equal (ω = α everywhere), so it needs no second moments. Stored as
+M_t = θ̄_t − θ0, so M_t = M_{t−1} + α_t (τ_t − M_{t−1}). ``alpha_schedule=running`` uses
+α_t = 1/t, which is ``average`` (the mean of the experts).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .base import Method, TensorStep, TensorUpdate, check_positive
+from .fisher_merge import ALPHA_PARAMS, alpha_at
+
+
+class EMA(Method):
+    name = "ema"
+    summary = "Plain interpolation θ̄_t = (1−α) θ̄_{t−1} + α θ_t: fisher_merge without the Fisher weights."
+    params = ALPHA_PARAMS
+    accumulators = ("M",)
+
+    def validate(self) -> None:
+        check_positive(self.name, "alpha", self.p["alpha"], upper=1.0)
+
+    def rule(self, s: TensorStep) -> TensorUpdate:
+        if s.t == 1:
+            return TensorUpdate({"M": s.tau})
+        m = s.acc["M"]
+        return TensorUpdate({"M": m + alpha_at(self.p, s.t) * (s.tau - m)})
+
+    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
+        return base + acc["M"]
+
+    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
+                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {"M": merged - base}
