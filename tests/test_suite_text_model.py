@@ -326,6 +326,39 @@ def test_continual_finetuning_matrix_is_cached_per_order(loaded, tmp_path, monke
     assert again["matrices"] == entry["matrices"]
 
 
+def test_continual_finetuning_skips_an_order_another_run_holds(loaded, tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    import cmerge.suites.continual_ft as cft
+
+    model, tokenizer, base_folder = loaded
+    evaluator = TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16)
+    recipe = replace(FAST, steps=2)
+    orders = [["colors", "animals"], ["animals", "colors"]]
+    base = bb.base_fingerprint(base_folder)
+    folder = tmp_path / "continual-ft"
+    folder.mkdir()
+    held = folder / f"{cft.order_key(recipe, TASKS, orders[0], base, evaluator)}.json"
+    computed = []
+    monkeypatch.setattr(cft, "continual_finetuning", lambda backbone, tok, tasks, order, *a, **k: (
+        computed.append(list(order)) or {"matrix": [[10.0], [20.0, 30.0]], "losses": [[1.0], [1.0, 1.0]]}))
+    other = open(held.with_suffix(".lock"), "a")  # "another process" works on order 0
+    fcntl.flock(other, fcntl.LOCK_EX)
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("entry", continual_finetuning_entry(
+        model, tokenizer, base_folder, TASKS, orders, recipe, evaluator, cache_dir=tmp_path, progress=False)))
+    worker.start()
+    worker.join(timeout=2.0)
+    assert worker.is_alive() and computed == [orders[1]]  # skipped the held order, did the free one, now waits
+    held.write_text(json.dumps({"order": orders[0], "matrix": [[50.0], [60.0, 70.0]], "losses": [[0.0], [0.0, 0.0]]}))
+    fcntl.flock(other, fcntl.LOCK_UN)
+    other.close()
+    worker.join(timeout=30.0)
+    assert not worker.is_alive() and computed == [orders[1]]  # the other run's result was taken, not recomputed
+    assert out["entry"]["matrices"] == [[[50.0], [60.0, 70.0]], [[10.0], [20.0, 30.0]]]
+
+
 # ---------------------------------------------------------------- benchmark
 
 def test_method_specs_parse_typed_parameters_suite_keys_and_paper_lambdas():

@@ -5,11 +5,13 @@ Task t is fine-tuned starting from the model left by task t − 1, with the same
 scored after each task on the tasks of the order seen so far. Each order's accuracy and
 loss matrices are cached as JSON, keyed like the experts (recipe, the ordered tasks'
 data, the backbone, the evaluation settings), because one order of 8 tasks costs 8
-fine-tuning runs.
+fine-tuning runs. Runs that share the cache split the orders between them (a lock per
+order), so two processes can compute one row's orders in parallel.
 """
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import logging
@@ -72,17 +74,25 @@ def continual_finetuning_entry(
     folder = (Path(cache_dir) if cache_dir is not None else cache_root()) / "continual-ft"
     folder.mkdir(parents=True, exist_ok=True)
     base = base_fingerprint(base_folder)
-    records = []
-    for order in orders:
-        path = folder / f"{order_key(recipe, tasks, order, base, evaluator)}.json"
-        if path.is_file():
-            record = json.loads(path.read_text())
-        else:
-            record = continual_finetuning(backbone, tokenizer, tasks, order, recipe, evaluator, progress=progress)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"order": list(order), **record}) + "\n")
-            tmp.replace(path)
-        records.append(record)
+    paths = [folder / f"{order_key(recipe, tasks, order, base, evaluator)}.json" for order in orders]
+    # Two passes: first the orders no other process is working on (a non-blocking lock per
+    # order), then wait for the rest; so several runs sharing the cache split the orders.
+    for blocking in (False, True):
+        for order, path in zip(orders, paths):
+            if path.is_file():
+                continue
+            with open(path.with_suffix(".lock"), "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    continue
+                if not path.is_file():  # another process may have finished it while we waited
+                    record = continual_finetuning(backbone, tokenizer, tasks, order, recipe, evaluator,
+                                                  progress=progress)
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"order": list(order), **record}) + "\n")
+                    tmp.replace(path)
+    records = [json.loads(path.read_text()) for path in paths]
     params = {"lr": recipe.lr, "steps": recipe.steps, **({"linearized": True} if recipe.linearized else {})}
     return method_entry([r["matrix"] for r in records], orders, method=None, params=params,
                         loss_matrices=[r["losses"] for r in records])
