@@ -481,6 +481,8 @@ def test_text_bench_writes_results_and_report_and_resumes(base_folder, tmp_path,
     monkeypatch.setattr(bench, "run_method", lambda *a, **k: pytest.fail("a finished method was run again"))
     again = bench.run_text_bench(out, TASKS, **kwargs)
     assert again["methods"]["opcm"]["matrices"] == saved["methods"]["opcm"]["matrices"]
+    only_ft = bench.run_text_bench(out, TASKS, **{**kwargs, "methods": "none"})
+    assert set(only_ft["methods"]) == set(saved["methods"])
 
 
 def test_bench_text_command_is_registered():

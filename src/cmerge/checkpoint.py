@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import pickle
 import shutil
@@ -25,6 +26,8 @@ import torch
 from safetensors import safe_open
 
 from .errors import CmergeError
+
+_HAS_MAP = hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "PROT_WRITE")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -116,11 +119,21 @@ class MappingSource(TensorSource):
 class SafetensorsSource(TensorSource):
     """One or more safetensors files, read one tensor at a time.
 
-    The header is validated with the ``safetensors`` library; tensor bytes are then read
-    with ``pread`` into a fresh buffer rather than through a memory map, so the process
-    holds only the tensors in use: a mapped file's touched pages would stay resident and
-    make peak RSS grow with the model size.
+    The header is validated with the ``safetensors`` library; :meth:`get` then reads a
+    tensor's bytes with ``pread`` into a fresh buffer rather than through a memory map, so
+    the process holds only the tensors in use: a mapped file's touched pages would stay
+    resident and make peak RSS grow with the model size.
+
+    :meth:`get_mapped` is the streaming engine's faster read: a large tensor gets a
+    private, copy-on-write map of just its own pages, unmapped when the last view of the
+    tensor is freed, so memory again holds only the tensors in use. It saves the copy of
+    every byte and the page faults of a fresh buffer (several times faster than ``pread``
+    on page-cached files), but a mapped tensor holds a file descriptor and faults
+    (SIGBUS) if the file is truncated while the tensor is alive, so it is meant for
+    tensors used for a moment and dropped, not for ones kept.
     """
+
+    MAP_MIN_BYTES = 1 << 20  # smaller tensors are read with pread (a map costs a few syscalls)
 
     def __init__(self, files: Sequence[Path], description: str, folder: Path | None = None) -> None:
         super().__init__()
@@ -161,6 +174,45 @@ class SafetensorsSource(TensorSource):
             done += n
         return buf.view(meta.dtype).reshape(meta.shape)
 
+    def get_mapped(self, name: str) -> torch.Tensor:
+        """Like :meth:`get`, through a private map of the tensor's pages when it is large (see the class)."""
+        if name not in self._meta:
+            raise CmergeError(f"{self.description} has no tensor named {name!r}.")
+        path, offset, count = self._where[name]
+        if count >= self.MAP_MIN_BYTES and _HAS_MAP:
+            try:
+                t = self._map(name, path, offset, count, self._meta[name])
+            except CmergeError:
+                raise
+            except Exception as exc:
+                raise CmergeError(f"could not read tensor {name!r} from {self.description} ({exc}).") from exc
+            if t is not None:
+                return t
+        return self.get(name)
+
+    def _map(self, name: str, path: Path, offset: int, count: int, meta: TensorMeta) -> torch.Tensor | None:
+        """The tensor's bytes through a private map of its pages; None where that is not possible."""
+        itemsize = torch.empty((), dtype=meta.dtype).element_size()
+        if offset % itemsize:
+            return None  # a misaligned tensor: pread gives an aligned copy
+        fd = self._fds[path]
+        if os.fstat(fd).st_size < offset + count:  # a map past the end would fault (SIGBUS) on access
+            raise CmergeError(f"{path} ended early while reading tensor {name!r} (truncated file?).")
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(fd, offset + count - start, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError):
+            return None  # e.g. a file system without mmap
+        try:
+            mm.madvise(mmap.MADV_WILLNEED, offset - offset % mmap.PAGESIZE - start,
+                       offset + count - (offset - offset % mmap.PAGESIZE))
+        except (OSError, ValueError, AttributeError):
+            pass
+        # the tensor keeps ``mm`` alive; the pages are unmapped when its last view is freed
+        t = torch.frombuffer(mm, dtype=torch.uint8, count=count, offset=offset - start)
+        return t.view(meta.dtype).reshape(meta.shape)
+
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
             try:
@@ -175,6 +227,13 @@ def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     return 8 + n, {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def read_streamed(source: TensorSource, name: str) -> torch.Tensor:
+    """``source.get(name)`` for a tensor that is used once and dropped (mapped where that is faster)."""
+    if isinstance(source, SafetensorsSource):
+        return source.get_mapped(name)
+    return source.get(name)
 
 
 class TorchFileSource(TensorSource):

@@ -8,6 +8,7 @@ computed, so memory holds a few tensors, never a model.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import TensorMeta, TensorSource, combine_digests, dtype_name, open_source, tensor_digest
+from .checkpoint import (TensorMeta, TensorSource, combine_digests, dtype_name, open_source, read_streamed,
+                         tensor_digest)
 from .errors import CmergeError
 from .layers import PASSTHROUGH, is_projected
 from .methods.base import Method, TensorStep, sq_norm
@@ -137,9 +139,14 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
              incoming: TensorSource, acc: AccumulatorReader | None, sink: AccumulatorSink, *,
              extras: Mapping[str, TensorSource] | None = None, compute_dtype: torch.dtype = torch.float32,
              acc_dtype: torch.dtype = torch.float32, device: str = "cpu", hash_base: bool = True,
-             progress: bool = False, desc: str = "merging") -> StepOutcome:
-    """Fold one model into the accumulators (step ``t``, 1-based). Writes only to ``sink``."""
+             progress: bool = False, desc: str = "merging", map_reads: bool = False) -> StepOutcome:
+    """Fold one model into the accumulators (step ``t``, 1-based). Writes only to ``sink``.
+
+    ``map_reads``: read safetensors files through short-lived maps (``read_streamed``),
+    for callers that keep none of the tensors they are given.
+    """
     dev = resolve_device(device)
+    get = read_streamed if map_reads else _plain_get
     extras = dict(extras or {})
     for key, src in extras.items():
         check_extra(plan, src, key)
@@ -147,15 +154,14 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
     inc_digests: dict[str, bytes] = {}
 
     def read(name: str):
-        b = base.get(name)
-        x = incoming.get(name)
+        b = get(base, name)
+        x = get(incoming, name)
         if hash_base:
             base_digests[name] = tensor_digest(name, b)
         inc_digests[name] = tensor_digest(name, x)
         if plan.kinds[name] == PASSTHROUGH:
             return None
-        if not bool(torch.isfinite(x).all()):
-            raise CmergeError(f"{incoming.description}: tensor {name!r} contains NaN or Inf; nothing was changed.")
+        # NaN / Inf in x: checked on the main thread from ‖τ‖², which is computed anyway
         accs = {a: acc.get(a, name) for a in method.accumulators} if (acc is not None and t > 1) else {}
         ext = {k: src.get(name) for k, src in extras.items()}
         for k, v in ext.items():
@@ -173,14 +179,21 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
                 continue
             b, x, accs, ext = item
             b = b.to(dev, compute_dtype)
-            tau = x.to(dev, compute_dtype) - b
+            xc = x.to(dev, compute_dtype)
+            # τ = x − b; in place when ``to`` made a new tensor (same arithmetic, one buffer less)
+            tau = xc.sub_(b) if xc is not x and xc.data_ptr() != x.data_ptr() else xc - b
+            del xc
+            tau_sq = sq_norm(tau)
+            # ‖τ‖² (float64) is finite whenever τ is, so only a non-finite one needs the full check
+            if not math.isfinite(tau_sq) and not bool(torch.isfinite(x).all()):
+                raise CmergeError(f"{incoming.description}: tensor {name!r} contains NaN or Inf; nothing was changed.")
             step = TensorStep(name=name, t=t, base=b, tau=tau,
                               acc={k: v.to(dev, compute_dtype) for k, v in accs.items()}, scalars=scalars,
                               projected=is_projected(plan.kinds[name]),
                               extra={k: v.to(dev, compute_dtype) for k, v in ext.items()},
                               extra_meta={k: src.metadata for k, src in extras.items()})
             update = method.rule(step)
-            sums["tau_sq"] += sq_norm(tau)
+            sums["tau_sq"] += tau_sq
             for k, v in update.sums.items():
                 sums[k] = sums.get(k, 0.0) + v
             if update.note is not None:
@@ -192,6 +205,10 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
     new_scalars = method.finalize(scalars, sums, t)
     return StepOutcome(new_scalars, sums["tau_sq"] ** 0.5, combine_digests(inc_digests),
                        combine_digests(base_digests) if hash_base else None, notes)
+
+
+def _plain_get(source: TensorSource, name: str) -> torch.Tensor:
+    return source.get(name)
 
 
 def resolve_extras(method: Method, model: Any, given: Mapping[str, Any] | None) -> dict[str, TensorSource]:
@@ -227,12 +244,17 @@ def iter_merged(method: Method, scalars: Mapping[str, Any], plan: Plan, base: Te
                 acc: AccumulatorReader, *, dtype: torch.dtype | None = None,
                 compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
                 digests: dict[str, bytes] | None = None, progress: bool = False,
-                desc: str = "exporting") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, θ_merged tensor) in sorted order, cast to ``dtype`` (default: the base's)."""
+                desc: str = "exporting", map_reads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, θ_merged tensor) in sorted order, cast to ``dtype`` (default: the base's).
+
+    ``map_reads``: read the base's merged tensors through short-lived maps (see run_step);
+    passthrough tensors, yielded as read, are always read plainly.
+    """
     dev = resolve_device(device)
+    get = read_streamed if map_reads else _plain_get
 
     def read(name: str):
-        b = base.get(name)
+        b = base.get(name) if plan.kinds[name] == PASSTHROUGH else get(base, name)
         if digests is not None:
             digests[name] = tensor_digest(name, b)
         if plan.kinds[name] == PASSTHROUGH:

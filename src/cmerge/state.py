@@ -81,7 +81,8 @@ class _DiskAccumulators:
                               f"manifest names method {method!r}; the state is inconsistent.")
 
     def get(self, acc: str, name: str) -> torch.Tensor:
-        return self._src.get(accumulator_key(acc, name))
+        # mapped: a step and an export use each accumulator tensor once and drop it
+        return self._src.get_mapped(accumulator_key(acc, name))
 
 
 class _WriterSink:
@@ -258,7 +259,7 @@ class State:
                 out = run_step(method, self.manifest["scalars"], t, plan, base, incoming, self._accumulators(),
                                _WriterSink(writer), extras=extra_srcs, compute_dtype=self.compute_dtype,
                                acc_dtype=acc_dtype, device=device, progress=progress,
-                               desc=f"step {t}: {name or incoming.description}")
+                               desc=f"step {t}: {name or incoming.description}", map_reads=True)
                 if out.base_sha256 != self.manifest["base"]["sha256"]:
                     raise CmergeError(f"the base model {self.manifest['base']['path']} changed since `cmerge init` "
                                       f"(content hash differs); restore it or start a new state.")
@@ -310,7 +311,7 @@ class State:
         try:
             tensors = iter_merged(method, self.manifest["scalars"], plan, base, self._accumulators(),
                                   dtype=out_dtype, compute_dtype=self.compute_dtype, device=device,
-                                  digests=digests, progress=progress)
+                                  digests=digests, progress=progress, map_reads=True)
             write_sharded(tmp, specs, ((n, t if t.dtype == s[1] else t.to(s[1])) for (n, t), s in zip(tensors, specs)),
                           max_bytes, {"cmerge_method": method.name})
             if combine_digests(digests) != self.manifest["base"]["sha256"]:

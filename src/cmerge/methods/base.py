@@ -127,11 +127,28 @@ class Method:
 
 
 def sq_norm(x: torch.Tensor, chunk: int = 1 << 22) -> float:
-    """‖x‖² accumulated in float64, in chunks so no float64 copy of a large tensor is made."""
+    """‖x‖² accumulated in float64, in chunks so no float64 copy of a large tensor is made.
+
+    Every chunk is converted into one reused float64 buffer (same values, same start
+    address as a fresh chunk, so the same ``torch.dot`` result bit for bit): a fresh
+    buffer per chunk costs page faults that took longer than the products themselves.
+    """
     flat = x.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return 0.0
+    if flat.dtype == torch.float64:
+        buf = None
+    else:
+        buf = torch.empty(min(n, chunk), dtype=torch.float64, device=flat.device)
     total = 0.0
-    for i in range(0, flat.numel(), chunk):
-        part = flat[i:i + chunk].to(torch.float64)
+    for i in range(0, n, chunk):
+        src = flat[i:i + chunk]
+        if buf is None:
+            part = src
+        else:
+            part = buf[:src.numel()]
+            part.copy_(src)
         total += float(torch.dot(part, part))
     return total
 

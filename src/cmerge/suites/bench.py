@@ -210,7 +210,8 @@ def run_text_bench(
 ) -> dict:
     """Run the benchmark over ``tasks`` into ``out_dir`` and return the results document.
 
-    ``methods`` defaults to every registered method with its defaults; ``sweeps`` and
+    ``methods`` defaults to every registered method with its defaults (``"none"``: no
+    merging rows, e.g. for a run that only adds continual fine-tuning); ``sweeps`` and
     row syntax are described in the module docstring; ``backbone_folder`` defaults to
     the packaged all-MiniLM-L6-v2; ``cache_dir`` is the cache root of the experts and
     the continual fine-tuning matrices.
@@ -220,7 +221,7 @@ def run_text_bench(
     if not 1 <= sweep_orders <= n_orders:
         raise CmergeError(f"--sweep-orders must be between 1 and --orders ({n_orders}), got {sweep_orders}.")
     task_names = list(tasks)
-    specs = parse_method_specs(methods or ",".join(REGISTRY))
+    specs = [] if methods == "none" else parse_method_specs(methods or ",".join(REGISTRY))
     sweep_specs = parse_sweep_specs(sweeps)
     recipe = recipe or FinetuneRecipe()
     out_dir = Path(out_dir)

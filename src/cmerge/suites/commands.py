@@ -36,7 +36,8 @@ def bench_command() -> None:
                    "(see `cmerge methods`) and experts=standard|linear (tangent-space experts), "
                    "align=off|ridge|adam (post-merge representation alignment); default: every registered "
                    "method (task arithmetic and TIES with the best λ of a sweep, else the paper's λ: "
-                   "0.3 for 8 tasks, 0.1 for 14).")
+                   "0.3 for 8 tasks, 0.1 for 14); 'none' for no merging rows (e.g. only "
+                   "--continual-ft-orders).")
 @click.option("--sweep", "sweeps", multiple=True, metavar="METHOD:PARAM[=v1/v2/...]",
               help="grid over one parameter (repeatable; default grids: task_arithmetic:lam and ties:lam "
                    "0.1..1.0, opcm:alpha 0.1..1.0), run on the first --sweep-orders orders; rows that do not "
