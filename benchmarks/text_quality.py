@@ -66,19 +66,25 @@ def run(args: argparse.Namespace) -> None:
 
 
 def holistic_markdown(results: dict) -> str:
-    """The holistic ablation: which stages each row uses, and its ACC / BWT."""
+    """The holistic ablation: which stages each row uses, and its ACC / BWT (OPCM on the same experts too)."""
     lines = ["| row | tangent-space experts | merging | alignment | ACC (%) ↑ | BWT (%) ↑ |",
              "|---|---|---|---|---|---|"]
-    for name, e in results["methods"].items():
-        method = e.get("method")
-        if method not in ("fisher_merge", "ema", "opcm") or (method == "opcm" and name not in HOLISTIC_ROWS):
+    merging = {"fisher_merge": "Fisher-weighted", "ema": "plain interpolation", "opcm": "OPCM"}
+    for name in [*HOLISTIC_ROWS, "opcm"]:
+        e = results["methods"].get(name)
+        if e is None:
             continue
-        merging = {"fisher_merge": "Fisher-weighted", "ema": "plain interpolation", "opcm": "OPCM"}[method]
         linear = "yes" if e.get("experts") == "linear" else "no"
         align = (e.get("alignment") or {}).get("align", "off")
-        lines.append(f"| {name} | {linear} | {merging} | {align} | {fmt(e['acc_mean'], e['acc_std'])} "
+        lines.append(f"| {name} | {linear} | {merging[e['method']]} | {align} | {fmt(e['acc_mean'], e['acc_std'])} "
                      f"| {fmt(e['bwt_mean'], e['bwt_std'])} |")
     return "\n".join(lines) + "\n"
+
+
+def table1_rows(results: dict) -> dict:
+    """The results with only the OPCM paper's Table-1 rows (and continual fine-tuning)."""
+    keep = {"continual fine-tuning", *TABLE1_ROWS}
+    return {**results, "methods": {k: v for k, v in results["methods"].items() if k in keep}}
 
 
 def sweeps_markdown(results: dict) -> str:
@@ -96,6 +102,9 @@ def publish(args: argparse.Namespace) -> None:
     if len(orders) > 1:
         sys.exit("the result folders ran different task orders; they cannot be combined.")
     results = combine_results(*parts)
+    preferred = ["continual fine-tuning", *TABLE1_ROWS, *HOLISTIC_ROWS]
+    rank = {name: i for i, name in enumerate(preferred)}
+    results["methods"] = dict(sorted(results["methods"].items(), key=lambda kv: rank.get(kv[0], len(rank))))
     for key in ("seed", "suite", "orders"):
         results[key] = parts[0].get(key)
     evals = sum(p.get("timing", {}).get("task_evaluations", 0) for p in parts)
@@ -128,7 +137,7 @@ def publish(args: argparse.Namespace) -> None:
         "",
         "### Table 1 (OPCM paper protocol)",
         "",
-        table1_markdown(results).rstrip(),
+        table1_markdown(table1_rows(results)).rstrip(),
         "",
         "Swept on the first order, only the entries ACC and BWT need scored (diagonal and final row):",
         "",
