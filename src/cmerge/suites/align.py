@@ -52,7 +52,7 @@ class FinalNormAligner:
     """
 
     def __init__(self, backbone: torch.nn.Module, tokenizer, tasks: Mapping[str, TextTask], *, mode: str = "ridge",
-                 samples: int = 512, max_len: int = 48, batch_size: int = 64, ridge: float = 1e-3,
+                 samples: int = 128, max_len: int = 48, batch_size: int = 64, ridge: float = 1e-3,
                  steps: int = 200, lr: float = 1e-3, seed: int = 0) -> None:
         if mode not in MODES[1:]:
             raise CmergeError(f"alignment mode must be one of {', '.join(MODES[1:])}, got {mode!r}.")

@@ -205,7 +205,7 @@ def load_suite(n_tasks: int) -> dict[str, TextTask]:
 def run_text_bench(
     out_dir: str | Path, tasks: Mapping[str, TextTask], *, methods: str | None = None, n_orders: int = 10,
     seed: int = 0, recipe: FinetuneRecipe | None = None, continual_ft_orders: int = 0,
-    sweeps: Sequence[str] = (), sweep_orders: int = 1, align_samples: int = 512,
+    sweeps: Sequence[str] = (), sweep_orders: int = 1, align_samples: int = 128,
     backbone_folder: Path | None = None, cache_dir: Path | None = None, progress: bool = True,
 ) -> dict:
     """Run the benchmark over ``tasks`` into ``out_dir`` and return the results document.

@@ -44,7 +44,7 @@ def bench_command() -> None:
                    "set the parameter take the best value.")
 @click.option("--sweep-orders", type=click.IntRange(min=1), default=1, show_default=True,
               help="orders each swept value runs on (only the diagonal and final row are scored).")
-@click.option("--align-samples", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--align-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="current-task training inputs used by each alignment step (rows with align=...).")
 @click.option("--continual-ft-orders", type=click.IntRange(min=0), default=0, show_default=True,
               help="also run continual fine-tuning (a baseline row) on the first N orders; "
