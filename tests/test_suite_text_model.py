@@ -485,6 +485,37 @@ def test_text_bench_writes_results_and_report_and_resumes(base_folder, tmp_path,
     assert set(only_ft["methods"]) == set(saved["methods"])
 
 
+def test_concurrent_bench_runs_split_the_rows(base_folder, tmp_path):
+    import fcntl
+    import hashlib
+    import threading
+    import time
+
+    from cmerge.evaluation.results import load_results
+    from cmerge.suites import bench
+
+    out = tmp_path / "out"
+    kwargs = dict(methods="average,opcm", n_orders=1, recipe=replace(FAST, steps=2), backbone_folder=base_folder,
+                  cache_dir=tmp_path / "cache", progress=False)
+    (out / ".locks").mkdir(parents=True)
+    other = open(out / ".locks" / f"row-{hashlib.sha256(b'average').hexdigest()[:16]}.lock", "a")
+    fcntl.flock(other, fcntl.LOCK_EX)  # "another run" is working on the average row
+    worker = threading.Thread(target=lambda: bench.run_text_bench(out, TASKS, **kwargs))
+    worker.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+            (out / "results.json").is_file() and "opcm" in load_results(out / "results.json")["methods"]):
+        time.sleep(0.2)
+    assert set(load_results(out / "results.json")["methods"]) == {"opcm"}  # skipped the held row, did the free one
+    assert worker.is_alive()  # and now waits for the held row
+    fcntl.flock(other, fcntl.LOCK_UN)  # the other run died without finishing: this one takes the row over
+    other.close()
+    worker.join(timeout=120)
+    final = load_results(out / "results.json")
+    assert not worker.is_alive() and set(final["methods"]) == {"average", "opcm"}
+    assert final["timing"]["task_evaluations"] > 0
+
+
 def test_bench_text_command_is_registered():
     from click.testing import CliRunner
 

@@ -10,9 +10,10 @@ evaluation package's report (tables, CSVs, figures).
 already holds results over the same tasks, orders and recipe keeps the finished methods,
 so an interrupted run continues where it stopped.
 
-Several runs may write into the same folder at once (say, one process per group of
-rows): every update of ``results.json`` re-reads it under a file lock and adds only its
-own rows.
+Several runs may work on the same folder at once: each row and sweep is claimed with a
+lock (``.locks/``), a run skips what another holds and comes back to it at the end, and
+every update of ``results.json`` re-reads it under a file lock and adds only its own
+rows. Starting the same command twice therefore splits the rows between two processes.
 
 A row is named on the command line as ``NAME`` or ``NAME:key=value:key=value``
 (``opcm:alpha=0.8``): the keys are the method's registry parameters (parsed with the
@@ -29,6 +30,7 @@ paper's λ for the suite size (0.3 for 8 tasks, 0.1 for more; OPCM paper Appendi
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -252,42 +254,76 @@ def run_text_bench(
         linear = {t: score(evaluator, materialize(path, f"expert {t!r}"), [t])[0][0] for t, path in expert_sets["linear"].items()}
         results = _update(results_path, lambda r: r["reference"].setdefault("finetuned_linear", linear))
 
-    for sweep in sweep_specs:
-        if sweep.name in results.get("sweeps", {}):
-            log.info("sweep %s: kept from the earlier run", sweep.name)
+    by_name = {sweep.name: sweep for sweep in sweep_specs}
+    for name in _claim_each(out_dir, "sweep", list(by_name)):
+        results = load_results(results_path)
+        if name in results.get("sweeps", {}):
+            log.info("sweep %s: done already (an earlier or concurrent run)", name)
             continue
+        sweep = by_name[name]
         entry = run_sweep(sweep.method, sweep.param, list(sweep.values), base_folder, experts, evaluator,
                           orders=orders[:sweep_orders], progress=progress, rows=SWEEP_ROWS)
-        log.info("sweep %s: best %s (ACC %.1f)", sweep.name, entry["best"]["value"], entry["best"]["acc_mean"])
-        results = _update(results_path, lambda r: _add_new(r, "sweeps", sweep.name, entry))
+        log.info("sweep %s: best %s (ACC %.1f)", name, entry["best"]["value"], entry["best"]["acc_mean"])
+        results = _update(results_path, lambda r: _add_new(r, "sweeps", name, entry))
 
-    for spec in specs:
-        if spec.label in results["methods"]:
-            log.info("%s: kept from the earlier run", spec.label)
+    by_label = {spec.label: spec for spec in specs}
+    for label in _claim_each(out_dir, "row", list(by_label)):
+        results = load_results(results_path)
+        if label in results["methods"]:
+            log.info("%s: done already (an earlier or concurrent run)", label)
             continue
+        spec = by_label[label]
         params, chosen = resolve_params(spec, results.get("sweeps", {}), len(task_names))
         post_step = None
         if spec.align != "off":
             post_step = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align, samples=align_samples,
                                          max_len=recipe.max_len)
         entry = run_method(spec.method, params, base_folder, expert_sets[spec.experts], evaluator, orders,
-                           progress=progress, desc=spec.label, post_step=post_step)
+                           progress=progress, desc=label, post_step=post_step)
         entry["experts"] = spec.experts
         if post_step is not None:
             entry["alignment"] = post_step.params
         if chosen:
             entry["chosen"] = chosen
-        results = _update(results_path, lambda r: _add_new(r, "methods", spec.label, entry))
-    if continual_ft_orders and CONTINUAL_FT not in results["methods"]:
+        results = _update(results_path, lambda r: _add_new(r, "methods", label, entry))
+    if continual_ft_orders and CONTINUAL_FT not in load_results(results_path)["methods"]:
         entry = continual_finetuning_entry(backbone, tokenizer, base_folder, tasks, orders[:continual_ft_orders],
                                            recipe, evaluator, cache_dir=cache_dir, progress=progress)
         results = _update(results_path, lambda r: _add_new(r, "methods", CONTINUAL_FT, entry))
     if evaluator.task_evaluations:
-        timing = {"seconds_per_task_evaluation": evaluator.seconds_per_task,
-                  "task_evaluations": evaluator.task_evaluations}
-        results = _update(results_path, lambda r: r.__setitem__("timing", timing))
+        results = _update(results_path, lambda r: _add_timing(r, evaluator.task_evaluations, evaluator.seconds))
+    results = load_results(results_path)
     write_report(results, out_dir, title=f"Continual merging on the {len(task_names)}-task text suite")
     return results
+
+
+def _claim_each(out_dir: Path, kind: str, names: Sequence[str]) -> Iterator[str]:
+    """Yield the names this process should work on, each while holding its lock.
+
+    First the names no other process holds (non-blocking), then, waiting, the rest: so
+    several runs started on one folder split the rows between them, and a row whose
+    process died is picked up. The caller re-checks under the claim whether it is done.
+    """
+    folder = out_dir / ".locks"
+    folder.mkdir(exist_ok=True)
+    for blocking in (False, True):
+        for name in names:
+            digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+            with open(folder / f"{kind}-{digest}.lock", "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    continue
+                yield name
+
+
+def _add_timing(results: dict, evaluations: int, seconds: float) -> None:
+    """Add one run's evaluation count and time to the folder's totals."""
+    t = results.get("timing") or {}
+    n = int(t.get("task_evaluations", 0))
+    total = n * float(t.get("seconds_per_task_evaluation", 0.0)) + seconds
+    results["timing"] = {"task_evaluations": n + evaluations,
+                         "seconds_per_task_evaluation": total / max(1, n + evaluations)}
 
 
 def _add_new(results: dict, kind: str, name: str, entry: dict) -> None:
