@@ -16,8 +16,11 @@ import json
 import mmap
 import os
 import pickle
+import queue
 import shutil
 import struct
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -367,29 +370,104 @@ def _header_bytes(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], met
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _writeback_starter() -> Callable[[int, int, int], None] | None:
+    """Linux ``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)``: start writing a range to disk, no wait."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, count: int) -> None:
+        fn(fd, offset, count, 2)  # SYNC_FILE_RANGE_WRITE; only a head start for the final fsync, so errors are ignored
+
+    return start
+
+
+_START_WRITEBACK = _writeback_starter()
+_WRITEBACK_MIN_BYTES = 8 << 20
+
+
 class StreamingSafetensorsWriter:
     """Write a safetensors file tensor by tensor, in the declared order.
 
     The header (names, dtypes, shapes, offsets) is written first from ``specs``; each
     :meth:`write` appends one tensor's bytes, so at most one tensor is held in memory.
+    :meth:`close` fsyncs the file; the writeback of each large tensor is started as soon
+    as it is written (Linux), so that fsync mostly finds its work done.
+
+    ``background=True``: a thread writes the bytes while the caller computes the next
+    tensor; :meth:`write` returns once the tensor is queued (at most one waits), so the
+    caller must not modify a tensor after handing it over. Write errors surface at the
+    next :meth:`write` or at :meth:`close`.
     """
 
     def __init__(self, path: Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None) -> None:
+                 metadata: Mapping[str, str] | None = None, *, background: bool = False) -> None:
         self.path = Path(path)
         self._specs = list(specs)
         self._next = 0
         self._file = open(self.path, "wb")
-        self._file.write(_header_bytes(self._specs, metadata or {}))
+        header = _header_bytes(self._specs, metadata or {})
+        self._file.write(header)
+        self._offset = len(header)
+        self._error: BaseException | None = None
+        self._discard = False
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue: queue.Queue = queue.Queue(maxsize=1)
+            self._thread = threading.Thread(target=self._drain, name="cmerge-write", daemon=True)
+            self._thread.start()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         exp_name, exp_dtype, exp_shape = self._specs[self._next]
         if name != exp_name or tensor.dtype != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
             raise ValueError(f"expected {exp_name} {exp_dtype} {exp_shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        self._file.write(tensor_bytes(tensor))
+        if self._thread is None:
+            self._write_bytes(tensor)
+        else:
+            if self._error is not None:
+                raise self._error
+            self._queue.put(tensor)
         self._next += 1
 
+    def _write_bytes(self, tensor: torch.Tensor) -> None:
+        data = tensor_bytes(tensor)
+        self._file.write(data)
+        n = data.nbytes
+        if _START_WRITEBACK is not None and n >= _WRITEBACK_MIN_BYTES:
+            self._file.flush()
+            _START_WRITEBACK(self._file.fileno(), self._offset, n)
+        self._offset += n
+
+    def _drain(self) -> None:
+        while True:
+            tensor = self._queue.get()
+            if tensor is None:
+                return
+            if self._error is None and not self._discard:
+                try:
+                    self._write_bytes(tensor)
+                except BaseException as exc:  # handed to the caller by write() or close()
+                    self._error = exc
+            del tensor
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
     def close(self) -> None:
+        self._stop()
+        if self._error is not None:
+            self._file.close()
+            raise self._error
         if self._next != len(self._specs):
             self._file.close()
             raise ValueError(f"{self.path}: only {self._next} of {len(self._specs)} tensors were written")
@@ -398,6 +476,8 @@ class StreamingSafetensorsWriter:
         self._file.close()
 
     def abort(self) -> None:
+        self._discard = True
+        self._stop()
         self._file.close()
 
 
@@ -439,8 +519,11 @@ def plan_shards(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], max_b
 
 def write_sharded(out_dir: Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
                   tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int,
-                  metadata: Mapping[str, str] | None = None) -> list[Path]:
-    """Stream ``tensors`` (in the order of ``specs``) into ``model.safetensors`` or shards + index."""
+                  metadata: Mapping[str, str] | None = None, *, background: bool = False) -> list[Path]:
+    """Stream ``tensors`` (in the order of ``specs``) into ``model.safetensors`` or shards + index.
+
+    ``background``: write each shard from a thread (see StreamingSafetensorsWriter).
+    """
     out_dir = Path(out_dir)
     shards = plan_shards(specs, max_shard_bytes)
     meta = {"format": "pt", **(metadata or {})}
@@ -450,7 +533,7 @@ def write_sharded(out_dir: Path, specs: Sequence[tuple[str, torch.dtype, tuple[i
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     it: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
     for fname, shard in zip(names, shards):
-        writer = StreamingSafetensorsWriter(out_dir / fname, shard, meta)
+        writer = StreamingSafetensorsWriter(out_dir / fname, shard, meta, background=background)
         try:
             for _ in shard:
                 name, t = next(it)

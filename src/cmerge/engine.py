@@ -126,6 +126,45 @@ def _prefetch(produce: Callable[[str], Any], names: list[str], depth: int = 2) -
             thread.join(timeout=0.05)
 
 
+def _task_vector(x: torch.Tensor, b: torch.Tensor, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """τ = x − b in ``dtype`` on ``dev``, bit for bit ``x.to(dev, dtype) - b.to(dev, dtype)``.
+
+    A base stored in a float narrower than ``dtype`` (float16, bfloat16 for float32) is
+    subtracted as it is: widening it is exact, so the difference is the same, without a
+    ``dtype`` copy of the base. A wider one is rounded to ``dtype`` first, as before. The
+    subtraction is in place when ``to`` made a new tensor (never in the caller's ``x``).
+    """
+    bc = b.to(dev) if torch.promote_types(b.dtype, dtype) == dtype else b.to(dev, dtype)
+    xc = x.to(dev, dtype)
+    if xc is x or xc.data_ptr() == x.data_ptr():
+        return xc - bc
+    return xc.sub_(bc)
+
+
+class _LazyBaseStep(TensorStep):
+    """A TensorStep whose ``base`` is converted to the compute dtype and device on first use.
+
+    τ is computed from the stored base directly (``_task_vector``), and no rule of cmerge's
+    reads ``base``: for a float16 / bfloat16 model, converting it anyway was a float32 copy
+    of every weight. A rule that reads it gets exactly ``base.to(device, compute dtype)``.
+    """
+
+    convert: tuple[torch.device, torch.dtype] | None = None  # (device, dtype), set by run_step
+
+    @property  # type: ignore[override]
+    def base(self) -> torch.Tensor:
+        d = self.__dict__
+        if "_base_c" not in d:
+            raw = d["_base_raw"]
+            d["_base_c"] = raw if self.convert is None else raw.to(*self.convert)
+        return d["_base_c"]
+
+    @base.setter
+    def base(self, value: torch.Tensor) -> None:
+        self.__dict__["_base_raw"] = value
+        self.__dict__.pop("_base_c", None)
+
+
 @dataclass
 class StepOutcome:
     scalars: dict[str, Any]
@@ -178,20 +217,17 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
             if item is None:
                 continue
             b, x, accs, ext = item
-            b = b.to(dev, compute_dtype)
-            xc = x.to(dev, compute_dtype)
-            # τ = x − b; in place when ``to`` made a new tensor (same arithmetic, one buffer less)
-            tau = xc.sub_(b) if xc is not x and xc.data_ptr() != x.data_ptr() else xc - b
-            del xc
+            tau = _task_vector(x, b, dev, compute_dtype)
             tau_sq = sq_norm(tau)
             # ‖τ‖² (float64) is finite whenever τ is, so only a non-finite one needs the full check
             if not math.isfinite(tau_sq) and not bool(torch.isfinite(x).all()):
                 raise CmergeError(f"{incoming.description}: tensor {name!r} contains NaN or Inf; nothing was changed.")
-            step = TensorStep(name=name, t=t, base=b, tau=tau,
-                              acc={k: v.to(dev, compute_dtype) for k, v in accs.items()}, scalars=scalars,
-                              projected=is_projected(plan.kinds[name]),
-                              extra={k: v.to(dev, compute_dtype) for k, v in ext.items()},
-                              extra_meta={k: src.metadata for k, src in extras.items()})
+            step = _LazyBaseStep(name=name, t=t, base=b, tau=tau,
+                                 acc={k: v.to(dev, compute_dtype) for k, v in accs.items()}, scalars=scalars,
+                                 projected=is_projected(plan.kinds[name]),
+                                 extra={k: v.to(dev, compute_dtype) for k, v in ext.items()},
+                                 extra_meta={k: src.metadata for k, src in extras.items()})
+            step.convert = (dev, compute_dtype)
             update = method.rule(step)
             sums["tau_sq"] += tau_sq
             for k, v in update.sums.items():
@@ -200,6 +236,7 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
                 notes[name] = update.note
             for a in method.accumulators:
                 sink.put(a, name, update.acc[a].to("cpu", acc_dtype))
+            del tau, step, update  # freed before the next tensor arrives, not after
     finally:
         bar.close()
     new_scalars = method.finalize(scalars, sums, t)

@@ -253,7 +253,7 @@ class State:
             acc_dtype = self.compute_dtype
             writer = StreamingSafetensorsWriter(partial / "accumulators.safetensors",
                                                 accumulator_specs(plan, method, acc_dtype),
-                                                {"cmerge_step": str(t), "method": method.name})
+                                                {"cmerge_step": str(t), "method": method.name}, background=True)
             started = time.time()
             try:
                 out = run_step(method, self.manifest["scalars"], t, plan, base, incoming, self._accumulators(),
@@ -313,7 +313,7 @@ class State:
                                   dtype=out_dtype, compute_dtype=self.compute_dtype, device=device,
                                   digests=digests, progress=progress, map_reads=True)
             write_sharded(tmp, specs, ((n, t if t.dtype == s[1] else t.to(s[1])) for (n, t), s in zip(tensors, specs)),
-                          max_bytes, {"cmerge_method": method.name})
+                          max_bytes, {"cmerge_method": method.name}, background=True)
             if combine_digests(digests) != self.manifest["base"]["sha256"]:
                 raise CmergeError(f"the base model {self.manifest['base']['path']} changed since `cmerge init` "
                                   f"(content hash differs); restore it or start a new state.")

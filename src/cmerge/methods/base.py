@@ -11,6 +11,7 @@ functions of tensors and numbers: no I/O, no logging.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -129,18 +130,16 @@ class Method:
 def sq_norm(x: torch.Tensor, chunk: int = 1 << 22) -> float:
     """‖x‖² accumulated in float64, in chunks so no float64 copy of a large tensor is made.
 
-    Every chunk is converted into one reused float64 buffer (same values, same start
-    address as a fresh chunk, so the same ``torch.dot`` result bit for bit): a fresh
-    buffer per chunk costs page faults that took longer than the products themselves.
+    On the CPU every chunk is converted into one float64 buffer kept per thread (same
+    values, and the same 64-byte-aligned start as a fresh chunk, so the same ``torch.dot``
+    result bit for bit): a fresh buffer per chunk cost page faults and page zeroing that
+    took longer than the products themselves.
     """
     flat = x.reshape(-1)
     n = flat.numel()
     if n == 0:
         return 0.0
-    if flat.dtype == torch.float64:
-        buf = None
-    else:
-        buf = torch.empty(min(n, chunk), dtype=torch.float64, device=flat.device)
+    buf = None if flat.dtype == torch.float64 else _f64_buffer(min(n, chunk), flat.device)
     total = 0.0
     for i in range(0, n, chunk):
         src = flat[i:i + chunk]
@@ -151,6 +150,19 @@ def sq_norm(x: torch.Tensor, chunk: int = 1 << 22) -> float:
             part.copy_(src)
         total += float(torch.dot(part, part))
     return total
+
+
+_F64 = threading.local()
+
+
+def _f64_buffer(n: int, device: torch.device) -> torch.Tensor:
+    """A float64 scratch buffer of at least ``n`` elements (kept per thread on the CPU)."""
+    if device.type != "cpu":
+        return torch.empty(n, dtype=torch.float64, device=device)  # CUDA's caching allocator reuses memory
+    buf = getattr(_F64, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _F64.buf = torch.empty(max(n, 1 << 22), dtype=torch.float64)
+    return buf
 
 
 def check_positive(method: str, name: str, value: float, *, allow_zero: bool = False, upper: float | None = None) -> None:
