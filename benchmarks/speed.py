@@ -13,7 +13,7 @@ on its own copy of the state before the step; the reference approach
 (speed_reference.py ``approach``) runs the same step with the paper's arithmetic (three
 models in memory, full SVD, full-matrix products). Exactness: cmerge's stored P(τ_t) =
 S_t − S_{t−1} against a float64 thin-SVD reference started from the same S_{t−1}.
-I/O floor: the same files read with `load_file` and the same bytes written with
+I/O floor: the same files read (every byte, with `safetensors.torch.load`) and the same bytes written with
 `save_file`.
 
 OpenMP threads spin only briefly before sleeping in every measured process
@@ -435,7 +435,8 @@ def report(results: list[Result], args: argparse.Namespace, started: float, dura
                 f"| {cr:.0f} | {rr:.0f} | {cr / rr:.0%} | {ex['max_rel_p']:.1e} ({ex['checked']} tensors) "
                 f"| {s['vs_ref']:.1e} |")
     lines += ["", "I/O-bound operations against the I/O floor: a fresh process that reads the same files "
-              "with `safetensors.torch.load_file` and writes the same bytes with `save_file` (the target's "
+              "in full with `safetensors.torch.load` (`load_file` would map them lazily and read nothing) and writes "
+              "the same bytes with `save_file` (the target's "
               "floor); cmerge also fsyncs what it writes, so the floor plus an fsync of the written file is "
               "shown too:", "",
               "| model | operation | runs | cmerge s | floor s | ratio | floor + fsync s | ratio |",

@@ -9,9 +9,11 @@
 ``exact``     the same step in float64 from cmerge's own stored S_{t−1} (so both start
               from identical numbers), with an independent thin-SVD implementation of
               Eq. 9; compares P(τ_t) = S_t − S_{t−1} and λ_t with cmerge's.
-``floor``     the I/O floor: read the given safetensors files with `load_file`, write the
-              tensors of one of them back with `save_file`; then fsync the written file,
-              timed apart (cmerge fsyncs what it writes, plain `save_file` does not).
+``floor``     the I/O floor: read the given safetensors files (`safetensors.torch.load` of
+              the file's bytes: every byte is read, as cmerge must; `load_file` maps the
+              file lazily and reads nothing until a tensor is touched), write the tensors
+              of one of them back with `save_file`; then fsync the written file, timed
+              apart (cmerge fsyncs what it writes, plain `save_file` does not).
 
 Every subcommand prints one JSON object on its last line.
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_models import LazyModel, load_model  # noqa: E402
@@ -155,7 +157,7 @@ def cmd_floor(a: argparse.Namespace) -> dict:
         files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
         loaded = {}
         for f in files:
-            loaded.update(load_file(str(f)))
+            loaded.update(load(f.read_bytes()))
         if path == a.write_from:
             keep = loaded
         del loaded
