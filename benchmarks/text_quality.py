@@ -133,7 +133,7 @@ def publish(args: argparse.Namespace) -> None:
         "[reports/text/](reports/text/report.md).",
         f"- Machine: {machine()}. Date: {today}. {args.wall or ''}"
         f"{evals} task evaluations at {results['timing']['seconds_per_task_evaluation']:.2f} s each "
-        "(300 test texts; two benchmark processes with one thread each shared the 2 cores).",
+        "(300 test texts each; the benchmark processes ran with one thread each).",
         "",
         "### Table 1 (OPCM paper protocol)",
         "",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -40,9 +41,15 @@ def _band(ax, x: Sequence[float], mean: Sequence[float], std: Sequence[float], l
 
 
 def plot_accuracy_curves(curves: Mapping[str, Curve], path: str | Path, upper_bound: float | None = None) -> Path:
-    """Average accuracy on the tasks seen so far versus number of tasks merged (paper Fig. 5)."""
-    fig = _figure()
+    """Average accuracy on the tasks seen so far versus number of tasks merged (paper Fig. 5).
+
+    Past ten curves the colours come from tab20 and the legend moves beside the axes.
+    """
+    many = len(curves) > 10
+    fig = _figure(width=9.0 if many else 6.0, height=4.5 if many else 4.0)
     ax = fig.add_subplot()
+    if many:
+        ax.set_prop_cycle(color=[matplotlib.colormaps["tab20"](i % 20) for i in range(len(curves))])
     for name, (mean, std) in curves.items():
         _band(ax, range(1, len(mean) + 1), mean, std, name)
     if upper_bound is not None and math.isfinite(upper_bound):
@@ -51,7 +58,10 @@ def plot_accuracy_curves(curves: Mapping[str, Curve], path: str | Path, upper_bo
     ax.set_ylabel("average accuracy on seen tasks (%)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
