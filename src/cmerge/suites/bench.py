@@ -306,14 +306,18 @@ def _claim_each(out_dir: Path, kind: str, names: Sequence[str]) -> Iterator[str]
     """
     folder = out_dir / ".locks"
     folder.mkdir(exist_ok=True)
+    yielded: set[str] = set()
     for blocking in (False, True):
         for name in names:
+            if name in yielded:
+                continue
             digest = hashlib.sha256(name.encode()).hexdigest()[:16]
             with open(folder / f"{kind}-{digest}.lock", "a") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
                 except BlockingIOError:
                     continue
+                yielded.add(name)
                 yield name
 
 
