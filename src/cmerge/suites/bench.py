@@ -45,6 +45,7 @@ from cmerge.evaluation.runner import evaluate_reference, materialize, run_method
 from cmerge.evaluation.sweep import check_param, run_sweep
 from cmerge.methods import REGISTRY
 from cmerge.suites.align import MODES as ALIGN_MODES, FinalNormAligner
+from cmerge.suites.claims import claim_each
 from cmerge.suites.backbone import base_fingerprint, load_backbone
 from cmerge.suites.continual_ft import METHOD_NAME as CONTINUAL_FT, continual_finetuning_entry
 from cmerge.suites.experts import build_experts
@@ -169,16 +170,20 @@ def resolve_params(spec: MethodSpec, sweeps: Mapping[str, dict], n_tasks: int) -
 
 
 @contextmanager
-def locked_results(path: Path) -> Iterator[dict]:
-    """The results document on disk, re-read under an exclusive lock and written back atomically on exit."""
+def results_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the results document ``path`` (released when the block ends)."""
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            results = load_results(path)
-            yield results
-            save_results(results, path)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
+
+
+@contextmanager
+def locked_results(path: Path) -> Iterator[dict]:
+    """The results document on disk, re-read under the lock and written back atomically on exit."""
+    with results_lock(path):
+        results = load_results(path)
+        yield results
+        save_results(results, path)
 
 
 def _resumable(path: Path, tasks: Sequence[str], orders: list[list[str]], suite: dict) -> dict | None:
@@ -242,16 +247,15 @@ def run_text_bench(
     suite = {"name": "text", "backbone": base_fingerprint(base_folder), "recipe": recipe.to_dict(),
              "experts": {name: path.name for name, path in experts.items()}}
 
-    with open(results_path.with_name(RESULTS_FILE + ".lock"), "a") as lock:  # one process scores the references
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with results_lock(results_path):  # one process scores the references
         results = _resumable(results_path, task_names, orders, suite)
         if results is None:
             reference = evaluate_reference(base_folder, experts, evaluator)
             results = new_results(task_names, reference, seed=seed, suite=suite, orders=orders)
             save_results(results, results_path)
-        fcntl.flock(lock, fcntl.LOCK_UN)
     if "linear" in expert_sets and "finetuned_linear" not in results["reference"]:
-        linear = {t: score(evaluator, materialize(path, f"expert {t!r}"), [t])[0][0] for t, path in expert_sets["linear"].items()}
+        linear = {t: score(evaluator, materialize(path, f"expert {t!r}"), [t])[0][0]
+                  for t, path in expert_sets["linear"].items()}
         results = _update(results_path, lambda r: r["reference"].setdefault("finetuned_linear", linear))
 
     by_name = {sweep.name: sweep for sweep in sweep_specs}
@@ -298,27 +302,10 @@ def run_text_bench(
 
 
 def _claim_each(out_dir: Path, kind: str, names: Sequence[str]) -> Iterator[str]:
-    """Yield the names this process should work on, each while holding its lock.
-
-    First the names no other process holds (non-blocking), then, waiting, the rest: so
-    several runs started on one folder split the rows between them, and a row whose
-    process died is picked up. The caller re-checks under the claim whether it is done.
-    """
+    """:func:`claims.claim_each` over rows or sweeps, with their locks in ``out_dir/.locks``."""
     folder = out_dir / ".locks"
     folder.mkdir(exist_ok=True)
-    yielded: set[str] = set()
-    for blocking in (False, True):
-        for name in names:
-            if name in yielded:
-                continue
-            digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-            with open(folder / f"{kind}-{digest}.lock", "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-                except BlockingIOError:
-                    continue
-                yielded.add(name)
-                yield name
+    return claim_each(names, lambda name: folder / f"{kind}-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock")
 
 
 def _add_timing(results: dict, evaluations: int, seconds: float) -> None:

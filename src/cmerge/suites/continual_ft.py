@@ -11,7 +11,6 @@ order), so two processes can compute one row's orders in parallel.
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import logging
@@ -23,6 +22,7 @@ import torch
 from cmerge.evaluation.results import method_entry
 from cmerge.evaluation.runner import score
 from cmerge.suites.backbone import base_fingerprint
+from cmerge.suites.claims import claim_each
 from cmerge.suites.experts import TRAINER_VERSION, task_fingerprint
 from cmerge.suites.finetune import FinetuneRecipe, finetune
 from cmerge.suites.heads import zero_shot_head
@@ -75,23 +75,14 @@ def continual_finetuning_entry(
     folder.mkdir(parents=True, exist_ok=True)
     base = base_fingerprint(base_folder)
     paths = [folder / f"{order_key(recipe, tasks, order, base, evaluator)}.json" for order in orders]
-    # Two passes: first the orders no other process is working on (a non-blocking lock per
-    # order), then wait for the rest; so several runs sharing the cache split the orders.
-    for blocking in (False, True):
-        for order, path in zip(orders, paths):
-            if path.is_file():
-                continue
-            with open(path.with_suffix(".lock"), "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-                except BlockingIOError:
-                    continue
-                if not path.is_file():  # another process may have finished it while we waited
-                    record = continual_finetuning(backbone, tokenizer, tasks, order, recipe, evaluator,
-                                                  progress=progress)
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"order": list(order), **record}) + "\n")
-                    tmp.replace(path)
+    # Runs sharing the cache split the orders: each is claimed with a lock beside its file.
+    pending = [(order, path) for order, path in zip(orders, paths) if not path.is_file()]
+    for order, path in claim_each(pending, lambda item: item[1].with_suffix(".lock")):
+        if not path.is_file():  # not cached earlier, nor by another run while this one waited
+            record = continual_finetuning(backbone, tokenizer, tasks, order, recipe, evaluator, progress=progress)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"order": list(order), **record}) + "\n")
+            tmp.replace(path)
     records = [json.loads(path.read_text()) for path in paths]
     params = {"lr": recipe.lr, "steps": recipe.steps, **({"linearized": True} if recipe.linearized else {})}
     return method_entry([r["matrix"] for r in records], orders, method=None, params=params,
