@@ -23,7 +23,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -98,6 +98,13 @@ class TensorSource:
     def _read(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # Whether get_rows reads only the rows asked for (else it reads the whole tensor).
+    reads_rows: bool = False
+
+    def get_rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` (a slice of the first dimension, step 1) of a tensor: ``get(name)[rows]``."""
+        return self.get(name)[rows]
+
     def __len__(self) -> int:
         return len(self._meta)
 
@@ -117,6 +124,8 @@ class MappingSource(TensorSource):
 
     def _read(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach()
+
+    reads_rows = True  # a slice of an in-memory tensor is a view
 
 
 class SafetensorsSource(TensorSource):
@@ -167,6 +176,30 @@ class SafetensorsSource(TensorSource):
     def _read(self, name: str) -> torch.Tensor:
         path, offset, count = self._where[name]
         meta = self._meta[name]
+        return self._pread(name, path, offset, count).view(meta.dtype).reshape(meta.shape)
+
+    reads_rows = True
+
+    def get_rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` of a tensor, reading only their bytes (``pread``, into a fresh buffer)."""
+        if name not in self._meta:
+            raise CmergeError(f"{self.description} has no tensor named {name!r}.")
+        meta = self._meta[name]
+        start, stop, step = rows.indices(meta.shape[0] if meta.shape else 1)
+        if step != 1 or not meta.shape:
+            return self.get(name)[rows]
+        path, offset, count = self._where[name]
+        row_bytes = count // meta.shape[0] if meta.shape[0] else 0
+        n = max(0, stop - start)
+        try:
+            buf = self._pread(name, path, offset + start * row_bytes, n * row_bytes)
+        except CmergeError:
+            raise
+        except Exception as exc:
+            raise CmergeError(f"could not read tensor {name!r} from {self.description} ({exc}).") from exc
+        return buf.view(meta.dtype).reshape(n, *meta.shape[1:])
+
+    def _pread(self, name: str, path: Path, offset: int, count: int) -> torch.Tensor:
         buf = torch.empty(count, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
@@ -175,7 +208,7 @@ class SafetensorsSource(TensorSource):
             if n <= 0:
                 raise CmergeError(f"{path} ended early while reading tensor {name!r} (truncated file?).")
             done += n
-        return buf.view(meta.dtype).reshape(meta.shape)
+        return buf
 
     def get_mapped(self, name: str) -> torch.Tensor:
         """Like :meth:`get`, through a private map of the tensor's pages when it is large (see the class)."""
@@ -337,10 +370,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def tensor_digest(name: str, t: torch.Tensor) -> bytes:
     """sha256 over a tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    h.update(f"{name}|{dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
+    h = digest_start(name, t.dtype, tuple(t.shape))
     h.update(tensor_bytes(t))
     return h.digest()
+
+
+def digest_start(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Any:
+    """A sha256 object fed the header of `tensor_digest`; update it with the tensor's bytes
+    (e.g. row block by row block, in order) and its digest is `tensor_digest`'s."""
+    h = hashlib.sha256()
+    h.update(f"{name}|{dtype_name(dtype)}|{tuple(shape)}|".encode())
+    return h
 
 
 def combine_digests(digests: Mapping[str, bytes]) -> str:
@@ -412,6 +452,7 @@ class StreamingSafetensorsWriter:
         self.path = Path(path)
         self._specs = list(specs)
         self._next = 0
+        self._rows = 0  # rows of tensor ``_next`` written so far by write_rows
         self._file = open(self.path, "wb")
         header = _header_bytes(self._specs, metadata or {})
         self._file.write(header)
@@ -426,15 +467,32 @@ class StreamingSafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         exp_name, exp_dtype, exp_shape = self._specs[self._next]
-        if name != exp_name or tensor.dtype != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
+        if self._rows or name != exp_name or tensor.dtype != exp_dtype or tuple(tensor.shape) != tuple(exp_shape):
             raise ValueError(f"expected {exp_name} {exp_dtype} {exp_shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._put(tensor)
+        self._next += 1
+
+    def write_rows(self, name: str, block: torch.Tensor) -> None:
+        """Append the next rows of the current tensor; it is complete once all its rows are written."""
+        exp_name, exp_dtype, exp_shape = self._specs[self._next]
+        shape = tuple(block.shape)
+        if (name != exp_name or block.dtype != exp_dtype or not exp_shape or shape[1:] != tuple(exp_shape[1:])
+                or self._rows + shape[0] > exp_shape[0]):
+            raise ValueError(f"expected rows {self._rows}.. of {exp_name} {exp_dtype} {exp_shape}, "
+                             f"got {name} {block.dtype} {shape}")
+        self._put(block)
+        self._rows += shape[0]
+        if self._rows == exp_shape[0]:
+            self._rows = 0
+            self._next += 1
+
+    def _put(self, tensor: torch.Tensor) -> None:
         if self._thread is None:
             self._write_bytes(tensor)
         else:
             if self._error is not None:
                 raise self._error
             self._queue.put(tensor)
-        self._next += 1
 
     def _write_bytes(self, tensor: torch.Tensor) -> None:
         data = tensor_bytes(tensor)
@@ -522,6 +580,8 @@ def write_sharded(out_dir: Path, specs: Sequence[tuple[str, torch.dtype, tuple[i
                   metadata: Mapping[str, str] | None = None, *, background: bool = False) -> list[Path]:
     """Stream ``tensors`` (in the order of ``specs``) into ``model.safetensors`` or shards + index.
 
+    A tensor may come whole or as consecutive blocks of its rows (name, block), in order.
+
     ``background``: write each shard from a thread (see StreamingSafetensorsWriter).
     """
     out_dir = Path(out_dir)
@@ -535,9 +595,18 @@ def write_sharded(out_dir: Path, specs: Sequence[tuple[str, torch.dtype, tuple[i
     for fname, shard in zip(names, shards):
         writer = StreamingSafetensorsWriter(out_dir / fname, shard, meta, background=background)
         try:
-            for _ in shard:
+            for _, _, shape in shard:
                 name, t = next(it)
-                writer.write(name, t)
+                if tuple(t.shape) == tuple(shape):
+                    writer.write(name, t)
+                    continue
+                rows = 0  # a tensor given in blocks of rows, one after another
+                while True:
+                    writer.write_rows(name, t)
+                    rows += t.shape[0]
+                    if rows >= shape[0]:
+                        break
+                    name, t = next(it)
             writer.close()
         except BaseException:
             writer.abort()

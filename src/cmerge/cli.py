@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import sys
@@ -16,13 +15,6 @@ from . import __version__
 from .errors import CmergeError
 from .methods import REGISTRY
 from .state import DEFAULT_SHARD_SIZE, init_state, open_state
-
-# Large CPU tensors in transparent huge pages: torch's own switch, read at its first large
-# allocation, so setting it here, before the command makes any big tensor, is enough. A step allocates several fresh tensors the size of each weight;
-# faulting them in 2 MiB pages instead of 4 KiB ones made `cmerge add` of a 536 M-parameter
-# model 10-20 % faster, with the same peak RSS. An explicit setting, even 0, is kept;
-# the library itself leaves the environment alone.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def _method_params() -> dict[str, tuple[Any, list[str]]]:

@@ -77,6 +77,7 @@ def opcm_project(
     keep_diagonal: bool = False,
     drop_cross_blocks: bool = False,
     factorization: str = "gram",
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Project the incoming task vector ``x`` away from ``delta`` (OPCM, Eq. 9).
 
@@ -101,6 +102,10 @@ def opcm_project(
     "gram" (default, fast) or "svd" (float64 LAPACK SVD); both give the same P(X)
     to float64 accuracy.
 
+    ``out``: where to write P(X), shaped and typed like ``x``; it may be ``x`` itself
+    (X is read in column chunks, each before its own columns of the result are written),
+    which saves a tensor of X's size. Default: a new tensor.
+
     Deliberate deviation: if D is exactly zero (a layer that fine-tuning never
     touched) there is nothing to protect and X is returned unchanged with k = 0;
     the reference would instead zero X's diagonal in an arbitrary SVD basis.
@@ -109,14 +114,17 @@ def opcm_project(
     null-space basis that the SVD returns; orthogonality to D holds whatever it is.
     """
     _check_pair(delta, x)
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"out must match x's shape, dtype and device, got {tuple(out.shape)} {out.dtype} {out.device}")
     if not bool(torch.any(delta)):
-        return x.clone(), 0
+        return (x.clone() if out is None else out.copy_(x)), 0
     tall = delta.shape[0] > delta.shape[1]
     # P commutes with transposition (P_{Dᵀ}(Xᵀ) = P_D(X)ᵀ): work on the wide side.
     d_w, x_w = (delta.mT, x.mT) if tall else (delta, x)
     u, s, v = svd_factors(d_w, factorization)
     k = protected_rank(s, alpha)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _project_into(out.mT if tall else out, u, v, k, x_w, keep_diagonal, drop_cross_blocks)
     return out, k
 
@@ -229,6 +237,8 @@ def _project_into(
 ) -> None:
     """Write P(X) into ``out`` from float64 factors u (m × r), v (n × r) of D (Eq. 9).
 
+    ``u`` is overwritten (L is built in its memory); the caller must not use it again.
+
     Every removed term but one is L Vᵀ for an m × r matrix L: its first k columns
     are U_k (U_kᵀ X V_k) (the protected block) and column i ≥ k is (u_iᵀ X v_i) u_i
     (the diagonal). Dropping the cross blocks removes U_kU_kᵀX + (I − U_kU_kᵀ) X V_kV_kᵀ
@@ -261,12 +271,20 @@ def _project_into(
         if xv_k is not None:
             xv_k.addmm_(xj, vj[:, :k])
     width = k if keep_diagonal else r
-    left = torch.empty(m, width, dtype=f64, device=x.device)
-    torch.matmul(u_k, block, out=left[:, :k])
+    head = u_k @ block
     if xv_k is not None:
-        torch.sub(xv_k, left[:, :k], out=left[:, :k])
-    if not keep_diagonal:
+        torch.sub(xv_k, head, out=head)
+    if keep_diagonal:
+        left = head
+    elif drop_cross_blocks:  # pass 2 still needs U_k
+        left = torch.empty(m, r, dtype=f64, device=x.device)
+        left[:, :k] = head
         torch.mul(u[:, k:], diag, out=left[:, k:])
+    else:  # L is built in U's memory: U is not needed any more
+        left = u
+        left[:, k:] *= diag
+        left[:, :k] = head
+    del head
     v_used = v[:, :width]
     for cols in chunks:  # pass 1 is over: the chunks may now be updated in place
         xj = x64(cols)

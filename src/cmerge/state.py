@@ -84,6 +84,9 @@ class _DiskAccumulators:
         # mapped: a step and an export use each accumulator tensor once and drop it
         return self._src.get_mapped(accumulator_key(acc, name))
 
+    def get_rows(self, acc: str, name: str, rows: slice) -> torch.Tensor:
+        return self._src.get_rows(accumulator_key(acc, name), rows)
+
 
 class _WriterSink:
     def __init__(self, writer: StreamingSafetensorsWriter) -> None:
@@ -91,6 +94,9 @@ class _WriterSink:
 
     def put(self, acc: str, name: str, tensor: torch.Tensor) -> None:
         self.writer.write(accumulator_key(acc, name), tensor)
+
+    def put_rows(self, acc: str, name: str, block: torch.Tensor) -> None:
+        self.writer.write_rows(accumulator_key(acc, name), block)
 
 
 def _plan_from_manifest(m: Mapping[str, Any]) -> Plan:
@@ -311,8 +317,9 @@ class State:
         try:
             tensors = iter_merged(method, self.manifest["scalars"], plan, base, self._accumulators(),
                                   dtype=out_dtype, compute_dtype=self.compute_dtype, device=device,
-                                  digests=digests, progress=progress, map_reads=True)
-            write_sharded(tmp, specs, ((n, t if t.dtype == s[1] else t.to(s[1])) for (n, t), s in zip(tensors, specs)),
+                                  digests=digests, progress=progress, map_reads=True, by_rows=True)
+            want = {n: d for n, d, _ in specs}
+            write_sharded(tmp, specs, ((n, t if t.dtype == want[n] else t.to(want[n])) for n, t in tensors),
                           max_bytes, {"cmerge_method": method.name}, background=True)
             if combine_digests(digests) != self.manifest["base"]["sha256"]:
                 raise CmergeError(f"the base model {self.manifest['base']['path']} changed since `cmerge init` "

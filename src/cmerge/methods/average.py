@@ -17,11 +17,14 @@ class Average(Method):
     summary = "Running mean of the experts (SWA), Eq. 32."
     accumulators = ("M",)
 
+    def elementwise(self, projected: bool) -> bool:
+        return True  # element by element
+
     def rule(self, s: TensorStep) -> TensorUpdate:
         if s.t == 1:
             return TensorUpdate({"M": s.tau})
         m = s.acc["M"]
-        return TensorUpdate({"M": m + (s.tau - m) / s.t})
+        return TensorUpdate({"M": torch.sub(s.tau, m).div_(s.t).add_(m)})  # m + (τ − m) / t
 
     def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
         return base + acc["M"]

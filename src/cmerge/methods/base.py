@@ -61,6 +61,9 @@ class TensorStep:
     projected: bool                         # a linear-layer weight (see layers.py)
     extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # e.g. second moments
     extra_meta: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # their files' metadata
+    # True: ``tau`` is a fresh tensor that nothing reads after the rule, so the rule may
+    # overwrite it (the engine's steps); False: every tensor of the step is read-only.
+    tau_owned: bool = False
 
 
 @dataclass
@@ -82,6 +85,9 @@ class Method:
     # per-tensor inputs besides the model, e.g. {"fisher": "exp_avg_sq.safetensors"}: the key names the
     # input (CLI flag --<key>), the value is the file looked for beside a model folder when none is given
     extra_inputs: ClassVar[Mapping[str, str]] = {}
+    # :meth:`merged` acts element by element (true of every θ0 + f(accumulators) so far), so
+    # an export may stream a large tensor through it in blocks of rows
+    merged_by_rows: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         known = {p.name: p for p in self.params}
@@ -99,8 +105,19 @@ class Method:
     def initial_scalars(self) -> dict[str, Any]:
         return {}
 
+    def elementwise(self, projected: bool) -> bool:
+        """Whether :meth:`rule` acts element by element on a tensor of this kind (``projected``:
+        a linear-layer weight), with sums that add up over elements.
+
+        The engine may then stream a large tensor through the rule in blocks of rows, so a
+        step never holds a large tensor whole. The default, False, always gives the rule
+        whole tensors (needed by e.g. an SVD or a per-tensor magnitude threshold).
+        """
+        return False
+
     def rule(self, s: TensorStep) -> TensorUpdate:  # pragma: no cover - abstract
-        """New accumulators for one tensor. Must not modify the tensors of ``s`` in place."""
+        """New accumulators for one tensor. Must not modify the tensors of ``s`` in place, except
+        ``s.tau`` when ``s.tau_owned``."""
         raise NotImplementedError
 
     def finalize(self, scalars: Mapping[str, Any], sums: Mapping[str, float], t: int) -> dict[str, Any]:

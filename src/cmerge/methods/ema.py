@@ -28,6 +28,9 @@ class EMA(Method):
     def validate(self) -> None:
         check_positive(self.name, "alpha", self.p["alpha"], upper=1.0)
 
+    def elementwise(self, projected: bool) -> bool:
+        return True  # element by element
+
     def rule(self, s: TensorStep) -> TensorUpdate:
         if s.t == 1:
             return TensorUpdate({"M": s.tau})

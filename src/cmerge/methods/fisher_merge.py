@@ -67,6 +67,9 @@ class FisherMerge(Method):
         check_positive(self.name, "alpha", self.p["alpha"], upper=1.0)
         check_positive(self.name, "eps", self.p["eps"])
 
+    def elementwise(self, projected: bool) -> bool:
+        return True  # element by element
+
     def rule(self, s: TensorStep) -> TensorUpdate:
         f_new = s.extra["fisher"]
         if bool((f_new < 0).any()):

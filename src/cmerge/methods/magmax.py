@@ -19,6 +19,9 @@ class MagMax(Method):
     params = (Param("scale", float, 0.5, "scaling factor applied to the max-magnitude task vector."),)
     accumulators = ("M",)
 
+    def elementwise(self, projected: bool) -> bool:
+        return True  # element by element
+
     def rule(self, s: TensorStep) -> TensorUpdate:
         if s.t == 1:
             return TensorUpdate({"M": s.tau})

@@ -44,18 +44,28 @@ class OPCM(Method):
     def initial_scalars(self) -> dict[str, Any]:
         return {"lambda": None, "norm_sum": 0.0, "mean_norm": None}
 
+    def elementwise(self, projected: bool) -> bool:
+        return not projected  # element by element, except the projection of linear-layer weights (Eq. 9)
+
     def rule(self, s: TensorStep) -> TensorUpdate:
         note = None
         if s.t == 1:
             proj = s.tau
         elif s.projected:
             proj, k = opcm_project(s.acc["S"], s.tau, self.p["alpha"], keep_diagonal=self.p["keep_diagonal"],
-                                   drop_cross_blocks=self.p["drop_cross_blocks"])
+                                   drop_cross_blocks=self.p["drop_cross_blocks"],
+                                   out=s.tau if s.tau_owned else None)
             note = [k, min(s.tau.shape)]
         else:
             proj = s.tau
-        new = proj if s.t == 1 else s.acc["S"] + proj
-        return TensorUpdate({"S": new}, {"proj_sq": sq_norm(proj), "s_sq": sq_norm(new)}, note)
+        proj_sq = sq_norm(proj)
+        if s.t == 1:
+            new = proj
+        elif s.projected or s.tau_owned:  # P(τ) is ours: S_{t−1} + P(τ) without another full-size tensor
+            new = proj.add_(s.acc["S"])
+        else:
+            new = s.acc["S"] + proj
+        return TensorUpdate({"S": new}, {"proj_sq": proj_sq, "s_sq": sq_norm(new)}, note)
 
     def finalize(self, scalars: Mapping[str, Any], sums: Mapping[str, float], t: int) -> dict[str, Any]:
         n_t = math.sqrt(sums["tau_sq"] if self.p["norm_average"] == "raw" else sums["proj_sq"])

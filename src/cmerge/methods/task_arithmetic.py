@@ -18,9 +18,12 @@ class TaskArithmetic(Method):
     params = (Param("lam", float, 0.3, "scaling factor λ of every task vector (paper: 0.3 for 8 tasks, 0.1 for 14/20)."),)
     accumulators = ("M",)
 
+    def elementwise(self, projected: bool) -> bool:
+        return True  # element by element
+
     def rule(self, s: TensorStep) -> TensorUpdate:
         step = self.p["lam"] * s.tau
-        return TensorUpdate({"M": step if s.t == 1 else s.acc["M"] + step})
+        return TensorUpdate({"M": step if s.t == 1 else step.add_(s.acc["M"])})  # M_{t−1} + λ τ_t
 
     def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
         return base + acc["M"]
