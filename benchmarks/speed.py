@@ -530,10 +530,24 @@ NOTES = """Notes.
   float64 products cost twice as much, so there the two are about even. A float32 kernel would be
   roughly twice as fast in the products but ~1e-4 off (target 1 asks for 1e-5), and float32 for
   only the two products with X (measured 2-3e-7 off) loses exactness where P(X) is small next
-  to X. On top of that, `cmerge add` reads and hashes the next tensors in a background thread
-  while the main thread computes: on 2 cores that thread collides with the two OpenMP threads of
-  every LAPACK call (a 768² float64 `eigh`: 0.04 s alone, 0.16-0.19 s next to a hashing thread,
-  0.064 s with one OpenMP thread), hence the *1 thread* column.
+  to X. The *1 thread* column shows that the two OpenMP threads do pay off once spinning is
+  short. Two levers that were tried and dropped because the numbers did not justify them:
+  running two tensors' rules side by side on one thread each (a 768² float64 `eigh` is 2× faster
+  on one thread than on two under `OMP_WAIT_POLICY=PASSIVE`, but not with short spinning: the
+  step got slower, 13.8 s against 8.4 s on (b)), and keeping the reading thread idle while a
+  whole-tensor rule computes (9.7-10.1 s against 9.8 s on (b) idle, 26.0-26.1 s against
+  25.1-27.0 s beside one busy process).
+- Memory: a step holds the largest single rule, not the model. Element-wise rules (every
+  method's rule but OPCM's projection and TIES) take tensors of more than 4 M elements in blocks
+  of rows, read with `pread`, hashed block by block and appended to the accumulator file; the
+  reading thread stays at most 64 MB ahead and reads a larger tensor only once the previous one
+  is done; OPCM writes P(τ) over τ and adds S_{t−1} in place; the base tensor is dropped once τ is
+  formed; after each large whole tensor freed heap pages go back to the system (`malloc_trim`).
+  The peak on (c) is the projection of an 11008 × 4096 weight: its float64 V (11008 × 4096,
+  360 MB) and U (134 MB), τ (180 MB), S_{t−1} (180 MB) and the process itself (~230 MB with torch
+  loaded). Export streams the same way, which is why it beats the floor, which holds whole
+  models. cmerge no longer turns on transparent huge pages (`THP_MEM_ALLOC_ENABLE`): with blocks
+  they made `add` slower (task arithmetic on (c): 6.3-8.0 s against 4.4-4.9 s) and ~150 MB larger.
 - (c) is measured once per number and with the linear weights of decoder layer 0 projected only
   (`--c-project layer0`; the other layers' weights use the identity rule in both approaches):
   projecting both layers doubles the compute of each step, and three runs of steps 2 and 5 on

@@ -235,3 +235,49 @@ def test_rules_leave_a_task_vector_they_do_not_own():
     merger.add(helpers.expert(base, 0))
     merger.add(model)
     assert all(torch.equal(model[n], keep[n]) for n in model)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float16, torch.float32])
+def test_a_rule_that_reads_the_base_gets_its_rows(monkeypatch, base_dtype):
+    """The engine drops the base tensor once τ is formed; a rule that asks gets it read again."""
+    from cmerge.checkpoint import MappingSource
+    from cmerge.engine import Plan, run_step
+    from cmerge.methods.base import Method, TensorUpdate
+
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 12)
+    g = torch.Generator().manual_seed(4)
+    b = {"w": torch.randn(10, 5, generator=g).to(base_dtype), "v": torch.randn(3, generator=g).to(base_dtype)}
+    x = {n: (t.float() + 0.1).to(base_dtype) for n, t in b.items()}
+    seen: dict[str, list] = {"base": [], "tau": []}
+
+    class Probe(Method):
+        name, summary, accumulators = "probe", "", ("M",)
+
+        def elementwise(self, projected):
+            return True
+
+        def rule(self, s):
+            seen["base"].append((s.name, s.base.clone()))
+            seen["tau"].append((s.name, s.tau.clone()))
+            return TensorUpdate({"M": s.base + s.tau})
+
+    class Sink:
+        def __init__(self):
+            self.parts: dict[str, list] = {}
+
+        def put(self, acc, name, tensor):
+            self.parts.setdefault(name, []).append(tensor)
+
+        def put_rows(self, acc, name, block):
+            self.parts.setdefault(name, []).append(block)
+
+    sink = Sink()
+    plan = Plan({n: MappingSource(b).meta(n) for n in b}, {"w": "linear", "v": "other"})
+    run_step(Probe(), {}, 1, plan, MappingSource(b), MappingSource(x), None, sink)
+    assert len(sink.parts["w"]) == 5  # 10 rows of 5 in blocks of 2 rows
+    for n in b:
+        got_base = torch.cat([t for m, t in seen["base"] if m == n])
+        got_tau = torch.cat([t for m, t in seen["tau"] if m == n])
+        assert torch.equal(got_base, b[n].float())
+        assert torch.equal(got_tau, x[n].float() - b[n].float())
+        assert torch.equal(torch.cat(sink.parts[n]), x[n].float())
