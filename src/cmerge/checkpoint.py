@@ -86,14 +86,7 @@ class TensorSource:
         return self._meta[name]
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._meta:
-            raise CmergeError(f"{self.description} has no tensor named {name!r}.")
-        try:
-            return self._read(name)
-        except CmergeError:
-            raise
-        except Exception as exc:  # truncated or corrupt data surfaces here
-            raise CmergeError(f"could not read tensor {name!r} from {self.description} ({exc}).") from exc
+        return self._guarded(name, self._read, name)
 
     def _read(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -103,7 +96,21 @@ class TensorSource:
 
     def get_rows(self, name: str, rows: slice) -> torch.Tensor:
         """Rows ``rows`` (a slice of the first dimension, step 1) of a tensor: ``get(name)[rows]``."""
-        return self.get(name)[rows]
+        return self._guarded(name, self._read_rows, name, rows)
+
+    def _read_rows(self, name: str, rows: slice) -> torch.Tensor:
+        return self._read(name)[rows]
+
+    def _guarded(self, name: str, read: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """``read(*args)`` for tensor ``name``: an unknown name or unreadable data is one CmergeError."""
+        if name not in self._meta:
+            raise CmergeError(f"{self.description} has no tensor named {name!r}.")
+        try:
+            return read(*args)
+        except CmergeError:
+            raise
+        except Exception as exc:  # truncated or corrupt data surfaces here
+            raise CmergeError(f"could not read tensor {name!r} from {self.description} ({exc}).") from exc
 
     def __len__(self) -> int:
         return len(self._meta)
@@ -180,23 +187,16 @@ class SafetensorsSource(TensorSource):
 
     reads_rows = True
 
-    def get_rows(self, name: str, rows: slice) -> torch.Tensor:
-        """Rows ``rows`` of a tensor, reading only their bytes (``pread``, into a fresh buffer)."""
-        if name not in self._meta:
-            raise CmergeError(f"{self.description} has no tensor named {name!r}.")
+    def _read_rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Only the bytes of rows ``rows`` (``pread``, into a fresh buffer)."""
         meta = self._meta[name]
         start, stop, step = rows.indices(meta.shape[0] if meta.shape else 1)
         if step != 1 or not meta.shape:
-            return self.get(name)[rows]
+            return self._read(name)[rows]
         path, offset, count = self._where[name]
         row_bytes = count // meta.shape[0] if meta.shape[0] else 0
         n = max(0, stop - start)
-        try:
-            buf = self._pread(name, path, offset + start * row_bytes, n * row_bytes)
-        except CmergeError:
-            raise
-        except Exception as exc:
-            raise CmergeError(f"could not read tensor {name!r} from {self.description} ({exc}).") from exc
+        buf = self._pread(name, path, offset + start * row_bytes, n * row_bytes)
         return buf.view(meta.dtype).reshape(n, *meta.shape[1:])
 
     def _pread(self, name: str, path: Path, offset: int, count: int) -> torch.Tensor:
@@ -212,19 +212,14 @@ class SafetensorsSource(TensorSource):
 
     def get_mapped(self, name: str) -> torch.Tensor:
         """Like :meth:`get`, through a private map of the tensor's pages when it is large (see the class)."""
-        if name not in self._meta:
-            raise CmergeError(f"{self.description} has no tensor named {name!r}.")
+        return self._guarded(name, self._read_mapped, name)
+
+    def _read_mapped(self, name: str) -> torch.Tensor:
         path, offset, count = self._where[name]
+        t = None
         if count >= self.MAP_MIN_BYTES and _HAS_MAP:
-            try:
-                t = self._map(name, path, offset, count, self._meta[name])
-            except CmergeError:
-                raise
-            except Exception as exc:
-                raise CmergeError(f"could not read tensor {name!r} from {self.description} ({exc}).") from exc
-            if t is not None:
-                return t
-        return self.get(name)
+            t = self._map(name, path, offset, count, self._meta[name])
+        return t if t is not None else self._read(name)
 
     def _map(self, name: str, path: Path, offset: int, count: int, meta: TensorMeta) -> torch.Tensor | None:
         """The tensor's bytes through a private map of its pages; None where that is not possible."""

@@ -287,8 +287,7 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
 
     def read(unit: Unit):
         name, rows, last = unit
-        b = get(base, name) if rows is None else base.get_rows(name, rows)
-        x = get(incoming, name) if rows is None else incoming.get_rows(name, rows)
+        b, x = _read_part(base, name, rows, get), _read_part(incoming, name, rows, get)
         if hash_base:
             base_digests.add(name, rows, last, b)
         inc_digests.add(name, rows, last, x)
@@ -298,8 +297,8 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
         if first:
             accs = {}
         else:
-            accs = {a: acc.get(a, name) if rows is None else acc.get_rows(a, name, rows) for a in method.accumulators}
-        ext = {k: src.get(name) if rows is None else src.get_rows(name, rows) for k, src in extras.items()}
+            accs = {a: _read_acc_part(acc, a, name, rows) for a in method.accumulators}
+        ext = {k: _read_part(src, name, rows) for k, src in extras.items()}
         for k, v in ext.items():
             if v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
                 raise CmergeError(f"{extras[k].description}: tensor {name!r} contains NaN or Inf; nothing was changed.")
@@ -328,8 +327,7 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
                                  extra={k: v.to(dev, compute_dtype) for k, v in ext.items()},
                                  extra_meta={k: src.metadata for k, src in extras.items()}, tau_owned=True)
             step.convert = (dev, compute_dtype)
-            step.reload = (functools.partial(_plain_get, base, name) if rows is None
-                           else functools.partial(base.get_rows, name, rows))
+            step.reload = functools.partial(_read_part, base, name, rows)
             update = method.rule(step)
             sums["tau_sq"] += tau_sq
             for k, v in update.sums.items():
@@ -413,6 +411,17 @@ def _plain_get(source: TensorSource, name: str) -> torch.Tensor:
     return source.get(name)
 
 
+def _read_part(source: TensorSource, name: str, rows: slice | None,
+               get: Callable[[TensorSource, str], torch.Tensor] = _plain_get) -> torch.Tensor:
+    """A unit's tensor: ``get(source, name)``, or only rows ``rows`` of it (`TensorSource.get_rows`)."""
+    return get(source, name) if rows is None else source.get_rows(name, rows)
+
+
+def _read_acc_part(acc: AccumulatorReader, which: str, name: str, rows: slice | None) -> torch.Tensor:
+    """A unit's accumulator tensor, whole or only rows ``rows`` of it (the reader's ``get_rows``)."""
+    return acc.get(which, name) if rows is None else acc.get_rows(which, name, rows)  # type: ignore[attr-defined]
+
+
 def resolve_extras(method: Method, model: Any, given: Mapping[str, Any] | None) -> dict[str, TensorSource]:
     """Open the method's extra per-tensor inputs: given ones, else the default file beside a model folder."""
     given = dict(given or {})
@@ -466,16 +475,12 @@ def iter_merged(method: Method, scalars: Mapping[str, Any], plan: Plan, base: Te
 
     def read(unit: Unit):
         name, rows, last = unit
-        if plan.kinds[name] == PASSTHROUGH:
-            b = base.get(name)
-        else:
-            b = get(base, name) if rows is None else base.get_rows(name, rows)
+        b = base.get(name) if plan.kinds[name] == PASSTHROUGH else _read_part(base, name, rows, get)
         if hashes is not None:
             hashes.add(name, rows, last, b)
         if plan.kinds[name] == PASSTHROUGH:
             return b, None
-        return b, {a: acc.get(a, name) if rows is None else acc.get_rows(a, name, rows)  # type: ignore[attr-defined]
-                   for a in method.accumulators}
+        return b, {a: _read_acc_part(acc, a, name, rows) for a in method.accumulators}
 
     def unit_bytes(unit: Unit) -> int:
         per_element = plan.metas[unit[0]].dtype.itemsize + len(method.accumulators) * compute_dtype.itemsize
