@@ -15,12 +15,10 @@ from cmerge.evaluation.runner import resolve_orders, run_method
 
 
 def check_param(method: str, param: str) -> None:
-    """Refuse a parameter the method does not declare (when the method registry is available)."""
-    from cmerge.methods import REGISTRY
+    """Refuse a method the registry does not know, or a parameter the method does not declare."""
+    from cmerge.methods import get_method_class
 
-    if method not in REGISTRY:
-        raise CmergeError(f"unknown method {method!r}; choose one of {', '.join(sorted(REGISTRY))}.")
-    declared = [p.name for p in REGISTRY[method].params]
+    declared = [p.name for p in get_method_class(method).params]
     if param not in declared:
         raise CmergeError(
             f"method {method!r} has no parameter {param!r}; its parameters are {', '.join(declared) or 'none'}."

@@ -23,13 +23,17 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(name: str, **params: Any) -> Method:
-    """Instantiate a registered method with validated parameters."""
+def get_method_class(name: str) -> type[Method]:
+    """The registered method class called ``name``; the one place an unknown name is refused."""
     try:
-        cls = REGISTRY[name]
+        return REGISTRY[name]
     except KeyError:
         raise CmergeError(f"unknown method {name!r}; choose one of {', '.join(sorted(REGISTRY))}.") from None
-    return cls(**params)
 
 
-__all__ = ["REGISTRY", "Method", "Param", "TensorStep", "TensorUpdate", "get_method", "register"]
+def get_method(name: str, **params: Any) -> Method:
+    """Instantiate a registered method with validated parameters (see :meth:`Method.parse_params`)."""
+    return get_method_class(name)(**params)
+
+
+__all__ = ["REGISTRY", "Method", "Param", "TensorStep", "TensorUpdate", "get_method", "get_method_class", "register"]

@@ -11,6 +11,7 @@ functions of tensors and numbers: no I/O, no logging.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -20,32 +21,62 @@ import torch
 from ..errors import CmergeError
 
 
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
 @dataclass(frozen=True)
 class Param:
-    """One hyper-parameter, declared once: the CLI flag ``--name-with-dashes`` and config key come from it."""
+    """One hyper-parameter, declared once: the CLI flag ``--name-with-dashes``, the config key and
+    the bench's ``NAME:key=value`` come from it, and :meth:`parse` is their one parser.
+
+    ``minimum`` / ``maximum`` bound a number (``exclusive_minimum``: the bound itself is refused).
+    """
 
     name: str
     type: type
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def coerce(self, value: Any, method: str) -> Any:
+    def parse(self, value: Any, method: str) -> Any:
+        """``value`` (typed, or a string from a flag, a config file or a bench row) as this
+        parameter's type, checked against its choices and bounds; one CmergeError if it is not."""
         if self.type is bool:
             if isinstance(value, bool):
                 return value
+            if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+                return value.strip().lower() in TRUE_WORDS
             raise CmergeError(f"{method}: {self.name} must be true or false, got {value!r}.")
+        if isinstance(value, bool) or (self.type is not str and isinstance(value, str) and not value.strip()):
+            raise CmergeError(f"{method}: {self.name} must be a {self.type.__name__}, got {value!r}.")
         try:
             out = self.type(value)
         except (TypeError, ValueError):
             raise CmergeError(f"{method}: {self.name} must be a {self.type.__name__}, got {value!r}.") from None
+        if self.type is float and not math.isfinite(out):
+            raise CmergeError(f"{method}: {self.name} must be a finite number, got {value!r}.")
         if self.choices is not None and out not in self.choices:
             raise CmergeError(f"{method}: {self.name} must be one of {', '.join(self.choices)}, got {value!r}.")
+        low_ok = self.minimum is None or (out > self.minimum if self.exclusive_minimum else out >= self.minimum)
+        if not low_ok or (self.maximum is not None and out > self.maximum):
+            raise CmergeError(f"{method}: {self.name} must be {self.range_text()}, got {value!r}.")
         return out
+
+    def range_text(self) -> str:
+        """The allowed range in words, e.g. "in (0, 1]" or "≥ 0"."""
+        if self.minimum is not None and self.maximum is not None:
+            return f"in {'(' if self.exclusive_minimum else '['}{self.minimum:g}, {self.maximum:g}]"
+        if self.minimum is not None:
+            return f"{'>' if self.exclusive_minimum else '≥'} {self.minimum:g}"
+        return f"≤ {self.maximum:g}" if self.maximum is not None else "any number"
 
 
 @dataclass
@@ -90,14 +121,19 @@ class Method:
     merged_by_rows: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise CmergeError(f"method {self.name!r} has no parameter {unknown[0]!r}"
-                              f" (it takes: {', '.join(known) or 'none'}).")
-        self.p = {n: (p.coerce(params[n], self.name) if n in params and params[n] is not None else p.default)
-                  for n, p in known.items()}
+        self.p = {**{p.name: p.default for p in self.params}, **self.parse_params(params)}
         self.validate()
+
+    @classmethod
+    def parse_params(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The one parameter parser: names checked against the declaration, values (typed or
+        strings) converted and range-checked by :meth:`Param.parse`; None means "not given"."""
+        known = {p.name: p for p in cls.params}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise CmergeError(f"method {cls.name!r} has no parameter {unknown[0]!r}"
+                              f" (it takes: {', '.join(known) or 'none'}).")
+        return {n: known[n].parse(v, cls.name) for n, v in given.items() if v is not None}
 
     def validate(self) -> None:
         """Check parameter values beyond their type; raise CmergeError naming the parameter."""
@@ -180,12 +216,3 @@ def _f64_buffer(n: int, device: torch.device) -> torch.Tensor:
     if buf is None or buf.numel() < n:
         buf = _F64.buf = torch.empty(max(n, 1 << 22), dtype=torch.float64)
     return buf
-
-
-def check_positive(method: str, name: str, value: float, *, allow_zero: bool = False, upper: float | None = None) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if upper is not None:
-        ok = ok and value <= upper
-    if not ok:
-        rng = f"in [{'0' if allow_zero else '>0'}, {upper}]" if upper is not None else ("≥ 0" if allow_zero else "> 0")
-        raise CmergeError(f"{method}: {name} must be {rng}, got {value}.")

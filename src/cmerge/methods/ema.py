@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .base import Method, TensorStep, TensorUpdate, check_positive
+from .base import Method, TensorStep, TensorUpdate
 from .fisher_merge import ALPHA_PARAMS, alpha_at
 
 
@@ -24,9 +24,6 @@ class EMA(Method):
     summary = "Plain interpolation θ̄_t = (1−α) θ̄_{t−1} + α θ_t: fisher_merge without the Fisher weights."
     params = ALPHA_PARAMS
     accumulators = ("M",)
-
-    def validate(self) -> None:
-        check_positive(self.name, "alpha", self.p["alpha"], upper=1.0)
 
     def elementwise(self, projected: bool) -> bool:
         return True  # element by element

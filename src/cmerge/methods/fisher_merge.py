@@ -20,13 +20,13 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CmergeError
-from .base import Method, Param, TensorStep, TensorUpdate, check_positive
+from .base import Method, Param, TensorStep, TensorUpdate
 
 
 #: α and its schedule, shared with ``ema`` (this rule with all Fisher values equal).
 ALPHA_PARAMS = (
     Param("alpha", float, 0.4, "weight α ∈ (0, 1] of the new model in the interpolation (fisher_merge: before the "
-          "element-wise Fisher weighting)."),
+          "element-wise Fisher weighting).", minimum=0.0, maximum=1.0, exclusive_minimum=True),
     Param("alpha_schedule", str, "constant", "'constant' α, or 'running' α_t = 1/t (a running mean over the "
           "t models merged so far).", ("constant", "running")),
 )
@@ -56,16 +56,13 @@ class FisherMerge(Method):
     name = "fisher_merge"
     summary = "Element-wise Fisher-weighted interpolation with AdamW second moments (holistic CMM, Sec. 'during merging')."
     params = ALPHA_PARAMS + (
-        Param("eps", float, 1e-12, "ε added to the denominator; elements with zero Fisher in both keep the merged value."),
+        Param("eps", float, 1e-12, "ε added to the denominator; elements with zero Fisher in both keep the merged value.",
+              minimum=0.0, exclusive_minimum=True),
         Param("bias_correction", bool, False, "divide each F_t by 1 − β2^step (Adam's bias correction), with step and "
               "β2 from the Fisher file's metadata keys 'adam_step' and 'adam_beta2'; the reference uses raw values."),
     )
     accumulators = ("M", "F")
     extra_inputs = {"fisher": "exp_avg_sq.safetensors"}
-
-    def validate(self) -> None:
-        check_positive(self.name, "alpha", self.p["alpha"], upper=1.0)
-        check_positive(self.name, "eps", self.p["eps"])
 
     def elementwise(self, projected: bool) -> bool:
         return True  # element by element

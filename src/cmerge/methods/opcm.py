@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from ..linalg import opcm_project
-from .base import Method, Param, TensorStep, TensorUpdate, check_positive, sq_norm
+from .base import Method, Param, TensorStep, TensorUpdate, sq_norm
 
 
 class OPCM(Method):
@@ -26,7 +26,7 @@ class OPCM(Method):
     summary = "Orthogonal projection + adaptive scaling (Tang et al. 2025, Algorithm 1)."
     params = (
         Param("alpha", float, 0.5, "projection threshold α: the top singular directions holding this share of the "
-              "merged task vector's singular-value mass are protected (Eq. 9)."),
+              "merged task vector's singular-value mass are protected (Eq. 9).", minimum=0.0, maximum=1.0),
         Param("keep_diagonal", bool, False, "do not zero the diagonal of UᵀXV: the Jan-2025 reference code's behaviour "
               "(its `.diag().fill_(0)` was a no-op); breaks Theorem 5.1's orthogonality."),
         Param("drop_cross_blocks", bool, False, "also drop the cross blocks C[:k, k:] and C[k:, :k] (the strict reading "
@@ -37,9 +37,6 @@ class OPCM(Method):
               "'projected' ‖P(τ_i)‖ (Algorithm 1, line 13).", ("raw", "projected")),
     )
     accumulators = ("S",)
-
-    def validate(self) -> None:
-        check_positive(self.name, "alpha", self.p["alpha"], allow_zero=True, upper=1.0)
 
     def initial_scalars(self) -> dict[str, Any]:
         return {"lambda": None, "norm_sum": 0.0, "mean_norm": None}

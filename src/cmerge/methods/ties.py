@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .base import Method, Param, TensorStep, TensorUpdate, check_positive
+from .base import Method, Param, TensorStep, TensorUpdate
 
 
 def trim_top_magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -59,15 +59,13 @@ class Ties(Method):
     name = "ties"
     summary = "Continual TIES-merging of the merged task vector and the new one (Eq. 38)."
     params = (
-        Param("density", float, 0.2, "fraction of entries kept per tensor when trimming (top magnitudes)."),
+        Param("density", float, 0.2, "fraction of entries kept per tensor when trimming (top magnitudes).",
+              minimum=0.0, maximum=1.0, exclusive_minimum=True),
         Param("lam", float, 0.3, "scaling factor λ (paper: the same as task arithmetic's)."),
         Param("variant", str, "paper", "'paper': M_t = λ·TIES(M_{t−1}, τ_t) (Eq. 38); 'reference': the public code's "
               "M_t = M_{t−1} + λ·TIES(M_{t−1}, τ_t).", ("paper", "reference")),
     )
     accumulators = ("M",)
-
-    def validate(self) -> None:
-        check_positive(self.name, "density", self.p["density"], upper=1.0)
 
     def rule(self, s: TensorStep) -> TensorUpdate:
         lam = self.p["lam"]

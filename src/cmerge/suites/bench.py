@@ -43,7 +43,7 @@ from cmerge.evaluation.report import write_report
 from cmerge.evaluation.results import add_method, add_sweep, load_results, new_results, save_results
 from cmerge.evaluation.runner import evaluate_reference, materialize, run_method, score
 from cmerge.evaluation.sweep import check_param, run_sweep
-from cmerge.methods import REGISTRY
+from cmerge.methods import REGISTRY, get_method_class
 from cmerge.suites.align import MODES as ALIGN_MODES, FinalNormAligner
 from cmerge.suites.claims import claim_each
 from cmerge.suites.backbone import base_fingerprint, load_backbone
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 SUITES = {8: TASKS_8, 14: TASKS_14}
 RESULTS_FILE = "results.json"
 PAPER_LAMBDA = {8: 0.3, 14: 0.1}  # continual task arithmetic / TIES, OPCM paper C.1.1
-TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 EXPERT_SETS = ("standard", "linear")
 GRID_01 = tuple(round(0.1 * i, 1) for i in range(1, 11))
 DEFAULT_GRIDS = {("task_arithmetic", "lam"): GRID_01, ("ties", "lam"): GRID_01, ("opcm", "alpha"): GRID_01}
@@ -90,15 +89,8 @@ class SweepSpec:
 
 
 def _parse_value(method: str, name: str, text: str) -> Any:
-    declared = {p.name: p for p in REGISTRY[method].params}
-    if name not in declared:
-        raise CmergeError(f"{method} has no parameter {name!r}; it takes {', '.join(declared) or 'none'}.")
-    p = declared[name]
-    if p.type is bool:
-        if text.lower() not in TRUE + FALSE:
-            raise CmergeError(f"{method}: {name} must be true or false, got {text!r}.")
-        return text.lower() in TRUE
-    return p.coerce(text, method)
+    """One ``name=text`` of a row or sweep, parsed by the method's own declaration."""
+    return get_method_class(method).parse_params({name: text})[name]
 
 
 def parse_method_specs(text: str) -> list[MethodSpec]:
@@ -108,8 +100,7 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
         if not item:
             continue
         method, *assignments = item.split(":")
-        if method not in REGISTRY:
-            raise CmergeError(f"unknown method {method!r} in --methods; choose from {', '.join(sorted(REGISTRY))}.")
+        get_method_class(method)
         params, suite_keys = {}, {"experts": "standard", "align": "off"}
         for a in assignments:
             name, eq, value = a.partition("=")
