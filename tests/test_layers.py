@@ -35,7 +35,8 @@ def gpt2_dir(tmp_path_factory):
 
 def test_bert_by_architecture(bert_dir):
     folder, model = bert_dir
-    kinds, how = classify(metas_of(folder), folder)
+    c = classify(metas_of(folder), folder)
+    kinds, how = c.kinds, c.how
     assert how.startswith("architecture")
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert linear_weights  # query, key, value, dense layers, pooler
@@ -54,7 +55,8 @@ def test_bert_by_architecture(bert_dir):
 
 def test_gpt2_conv1d_is_linear_t(gpt2_dir):
     folder, model = gpt2_dir
-    kinds, how = classify(metas_of(folder), folder)
+    c = classify(metas_of(folder), folder)
+    kinds, how = c.kinds, c.how
     assert how.startswith("architecture")
     assert kinds["transformer.h.0.attn.c_attn.weight"] == LINEAR_T
     assert kinds["transformer.h.0.mlp.c_fc.weight"] == LINEAR_T
@@ -91,16 +93,18 @@ def test_name_rule_without_config(bert_dir, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    kinds, how = classify(metas_of(bare), bare)
+    c = classify(metas_of(bare), bare)
+    kinds, how = c.kinds, c.how
     assert how == "name rule"
-    arch, _ = classify(metas_of(folder), folder)
+    arch = classify(metas_of(folder), folder).kinds
     assert kinds == arch  # on BERT the name rule agrees with the architecture
 
 
 def test_name_rule_on_tiny_layout():
     base = helpers.tiny_base()
     metas = {n: TensorMeta(tuple(t.shape), t.dtype) for n, t in base.items()}
-    kinds, how = classify(metas, None)
+    c = classify(metas, None)
+    kinds, how = c.kinds, c.how
     assert how == "name rule"
     assert {n for n, k in kinds.items() if k == LINEAR} == set(helpers.TINY_PROJECTED)
     assert kinds["embed_tokens.weight"] == OTHER
@@ -111,7 +115,8 @@ def test_name_rule_on_tiny_layout():
 def test_config_of_unknown_architecture_falls_back_to_names(tmp_path):
     helpers.save_model(helpers.tiny_base(), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-model", "architectures": ["Nope"]}))
-    kinds, how = classify(metas_of(tmp_path), tmp_path)
+    c = classify(metas_of(tmp_path), tmp_path)
+    kinds, how = c.kinds, c.how
     assert how == "name rule"
     assert {n for n, k in kinds.items() if k == LINEAR} == set(helpers.TINY_PROJECTED)
 
@@ -119,13 +124,14 @@ def test_config_of_unknown_architecture_falls_back_to_names(tmp_path):
 def test_user_overrides(bert_dir):
     folder, _ = bert_dir
     metas = metas_of(folder)
-    kinds, how = classify(metas, folder, project=[r"word_embeddings"], no_project=[r"attention\.self"])
+    c = classify(metas, folder, project=[r"word_embeddings"], no_project=[r"attention\.self"])
+    kinds, how = c.kinds, c.how
     assert how.endswith("+ user patterns")
     assert kinds["embeddings.word_embeddings.weight"] == LINEAR
     assert kinds["encoder.layer.0.attention.self.query.weight"] == OTHER
     assert kinds["encoder.layer.0.attention.output.dense.weight"] == LINEAR
     # no_project wins over project
-    kinds, _ = classify(metas, folder, project=[r"query\.weight"], no_project=["query"])
+    kinds = classify(metas, folder, project=[r"query\.weight"], no_project=["query"]).kinds
     assert kinds["encoder.layer.0.attention.self.query.weight"] == OTHER
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import sys
@@ -14,7 +15,7 @@ import click
 from . import __version__
 from .errors import CmergeError
 from .methods import REGISTRY
-from .state import DEFAULT_SHARD_SIZE, init_state, open_state
+from .state import DEFAULT_SHARD_SIZE, MANIFEST, classify_model, init_state, open_state
 
 
 def _method_params() -> dict[str, tuple[Any, list[str]]]:
@@ -84,6 +85,25 @@ shard_opt = click.option("--shard-size", default=DEFAULT_SHARD_SIZE, show_defaul
                          help="largest safetensors shard, e.g. 5GB or 500MB.")
 
 
+strict_layers_opt = click.option("--strict-layers", is_flag=True,
+                                 help="refuse, instead of falling back to the name rule, when the architecture in "
+                                      "config.json cannot be built or does not place all its linear weights.")
+
+
+class _StderrNotes(logging.Handler):
+    """cmerge's warnings (e.g. a classification fallback), one line each on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"warning: {record.getMessage()}", err=True)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("cmerge")
+    if not any(isinstance(h, _StderrNotes) for h in logger.handlers):
+        logger.addHandler(_StderrNotes(logging.WARNING))
+        logger.propagate = False
+
+
 class CmergeGroup(click.Group):
     """Turns CmergeError into one sentence on stderr and exit status 2."""
 
@@ -102,6 +122,7 @@ class CmergeGroup(click.Group):
 @click.version_option(__version__, prog_name="cmerge")
 def main() -> None:
     """Continual model merging: fold fine-tuned models into one merged model as they arrive."""
+    _show_notes()
 
 
 @main.command()
@@ -111,17 +132,18 @@ def main() -> None:
 @precision_opt
 @project_opt
 @no_project_opt
+@strict_layers_opt
 @quiet_opt
 @method_options
-def init(state: Path, base: Path, method: str, precision: str, project, no_project, quiet: bool, **kwargs) -> None:
+def init(state: Path, base: Path, method: str, precision: str, project, no_project, strict_layers: bool, quiet: bool,
+         **kwargs) -> None:
     """Create a merge STATE folder for BASE and a method (nothing merged yet)."""
     params = _collect_params(method, kwargs)
     st = init_state(state, base, method, precision=precision, project=project, no_project=no_project,
-                    progress=not quiet, **params)
+                    strict_layers=strict_layers, progress=not quiet, **params)
     info = st.info()
     click.echo(f"initialised {state}: method {info['method']} {json.dumps(info['params'])}, base {info['base']['path']}")
-    click.echo(f"tensors: " + ", ".join(f"{n} {k}" for k, n in info["tensors"].items()) +
-               f" (classified by {info['base']['classified_by']})")
+    click.echo(_describe_tensors(info))
 
 
 @main.command()
@@ -139,6 +161,11 @@ def add(state: Path, model: Path, name: str | None, force: bool, fisher: Path | 
     extras = {"fisher": fisher} if fisher is not None else None
     entry = st.add(model, name=name, force=force, device=device, progress=not quiet, extras=extras)
     click.echo(_describe_entry(entry))
+    click.echo(_describe_tensors(st.info()))
+
+
+def _describe_tensors(info: dict[str, Any]) -> str:
+    return f"tensors: {info['summary']} (classified by {info['base']['classified_by']})"
 
 
 def _describe_entry(e: dict[str, Any]) -> str:
@@ -164,25 +191,50 @@ def export(state: Path, out: Path, dtype: str | None, shard_size: str, device: s
 @click.argument("state", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print everything as JSON.")
 @click.option("--tensors", is_flag=True, help="list every tensor with its classification.")
-def info(state: Path, as_json: bool, tensors: bool) -> None:
-    """Show a merge STATE: method, parameters, base, steps (λ_t, norms, hashes), tensor classification."""
+@project_opt
+@no_project_opt
+def info(state: Path, as_json: bool, tensors: bool, project, no_project) -> None:
+    """Show a merge STATE (method, parameters, base, steps with λ_t, norms and hashes, tensor classification),
+    or, given a MODEL instead, how its tensors would be classified (--project/--no-project as for init)."""
+    if not (state / MANIFEST).exists() and state.exists():
+        _model_info(state, as_json, tensors, project, no_project)
+        return
+    if project or no_project:
+        raise CmergeError("--project and --no-project apply to a model, not to a merge state (whose classification "
+                          "was fixed by `cmerge init`).")
     data = open_state(state).info()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"state   {data['state']}\nmethod  {data['method']} {json.dumps(data['params'])}"
                f"\nbase    {data['base']['path']}\n        sha256 {data['base']['sha256']}")
-    click.echo("tensors " + ", ".join(f"{n} {k}" for k, n in data["tensors"].items()) +
-               f" (classified by {data['base']['classified_by']})")
+    click.echo(_describe_tensors(data))
     if tensors:
-        for n, k in data["classification"].items():
-            click.echo(f"  {k:<11} {n}")
+        _list_tensors(data["classification"], data["routes"])
     if not data["steps"]:
         click.echo("steps   none yet")
     for e in data["steps"]:
         ranks = e.get("protected_rank") or {}
         kmean = f", mean protected rank {sum(v[0] for v in ranks.values()) / len(ranks):.1f}" if ranks else ""
         click.echo(f"  {_describe_entry(e)}{kmean}\n      sha256 {e['sha256']}  {e['time']}")
+
+
+def _list_tensors(kinds: dict[str, str], routes: dict[str, str]) -> None:
+    for n, k in kinds.items():
+        click.echo(f"  {k:<11} {routes[n]:<12} {n}")
+
+
+def _model_info(model: Path, as_json: bool, tensors: bool, project, no_project) -> None:
+    """The classification a merge of MODEL as its base would use."""
+    cls = classify_model(model, project, no_project)
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "classified_by": cls.how, "architecture": cls.architecture,
+                               "summary": cls.summary(), "projected": cls.projected(),
+                               "classification": cls.kinds, "routes": cls.routes}, indent=2))
+        return
+    click.echo(f"model   {model}\ntensors: {cls.summary()} (classified by {cls.how})")
+    if tensors:
+        _list_tensors(cls.kinds, cls.routes)
 
 
 @main.command()
@@ -207,25 +259,37 @@ def methods() -> None:
 @precision_opt
 @project_opt
 @no_project_opt
+@strict_layers_opt
+@click.option("--dry-run", is_flag=True, help="only show how BASE's tensors would be classified (and with --tensors, "
+                                               "each of them), then stop.")
+@click.option("--tensors", "list_tensors", is_flag=True, help="with --dry-run: list every tensor's classification.")
 @dtype_opt
 @shard_opt
 @device_opt
 @quiet_opt
 @method_options
-def merge(models, base, out, method, shuffle, seed, state_dir, precision, project, no_project, dtype, shard_size,
-          device, quiet, **kwargs) -> None:
+def merge(models, base, out, method, shuffle, seed, state_dir, precision, project, no_project, strict_layers, dry_run,
+          list_tensors, dtype, shard_size, device, quiet, **kwargs) -> None:
     """Merge MODELS into BASE one at a time (init + add each + export)."""
     params = _collect_params(method, kwargs)
     order = list(models)
     if shuffle:
         random.Random(seed).shuffle(order)
+    if dry_run:
+        cls = classify_model(base, project, no_project, strict=strict_layers)
+        click.echo(f"would merge {len(order)} models into {base} with {method} {json.dumps(params)}")
+        click.echo(f"tensors: {cls.summary()} (classified by {cls.how})")
+        if list_tensors:
+            _list_tensors(cls.kinds, cls.routes)
+        return
     tmp = None
     if state_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="cmerge-state-"))
         state_dir = tmp / "state"
     try:
         st = init_state(state_dir, base, method, precision=precision, project=project, no_project=no_project,
-                        progress=not quiet, **params)
+                        strict_layers=strict_layers, progress=not quiet, **params)
+        click.echo(_describe_tensors(st.info()))
         for m in order:
             click.echo(_describe_entry(st.add(m, device=device, progress=not quiet)))
         st.export(out, dtype=dtype, shard_size=shard_size, device=device, progress=not quiet)

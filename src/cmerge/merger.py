@@ -38,8 +38,8 @@ class Merger:
     """
 
     def __init__(self, base: Any, method: str = "opcm", *, precision: str = "float32", device: str = "cpu",
-                 project: Sequence[str] = (), no_project: Sequence[str] = (), progress: bool = False,
-                 **params: Any) -> None:
+                 project: Sequence[str] = (), no_project: Sequence[str] = (), strict_layers: bool = False,
+                 progress: bool = False, **params: Any) -> None:
         self.method = get_method(method, **params)
         self.compute_dtype = parse_dtype(precision)
         if self.compute_dtype not in (torch.float32, torch.float64):
@@ -48,8 +48,9 @@ class Merger:
         self.progress = progress
         self.base: TensorSource = open_source(base, description="base model")
         metas = {n: self.base.meta(n) for n in self.base.keys()}
-        kinds, self.classified_by = classify(metas, self.base.folder, project, no_project)
-        self.plan = Plan(metas, kinds)
+        self.classification = classify(metas, self.base.folder, project, no_project, strict=strict_layers)
+        self.classified_by = self.classification.how
+        self.plan = Plan(metas, self.classification.kinds)
         self.scalars: dict[str, Any] = self.method.initial_scalars()
         self.steps: list[dict[str, Any]] = []
         self.overrides: list[dict[str, Any]] = []  # {"after_step": t, "tensors": [names]} per override()

@@ -13,7 +13,7 @@ def model_card(info: Mapping[str, Any], dtype: str) -> str:
     for s in info["steps"]:
         lam = f"{s['lambda']:.4f}" if s.get("lambda") is not None else "–"
         rows.append(f"| {s['t']} | {s['name']} | `{s['sha256']}` | {s['norm']:.4f} | {lam} |")
-    tensors = ", ".join(f"{n} {k}" for k, n in info["tensors"].items())
+    projected = "\n".join(f"- `{n}`" for n in info.get("projected", [])) or "- (none)"
     return f"""---
 tags:
 - merge
@@ -30,7 +30,7 @@ experts below were folded into the base model one at a time, in this order.
 - Method: `{info['method']}`
 - Base model: `{info['base']['path']}` (sha256 `{info['base']['sha256']}`)
 - Compute precision: {info['precision']}; exported dtype: {dtype}
-- Tensors: {tensors} (classified by {info['base']['classified_by']})
+- Tensors: {info['summary']} (classified by {info['base']['classified_by']})
 
 ## Parameters
 
@@ -43,4 +43,15 @@ experts below were folded into the base model one at a time, in this order.
 | step | name | sha256 | ‖τ‖ | λ_t |
 |---|---|---|---|---|
 {chr(10).join(rows)}
+
+## Projected tensors
+
+The linear-layer weights that the method's projection acted on; every other tensor used the
+identity rule (or was passed through unchanged if it is not floating point).
+
+<details><summary>{len(info.get("projected", []))} tensors</summary>
+
+{projected}
+
+</details>
 """

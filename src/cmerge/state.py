@@ -32,7 +32,7 @@ from .checkpoint import (SafetensorsSource, StreamingSafetensorsWriter, TensorMe
 from .engine import (Plan, accumulator_key, accumulator_specs, check_compatible, iter_merged, resolve_extras,
                      run_step)
 from .errors import CmergeError
-from .layers import PASSTHROUGH, classify
+from .layers import BY_ARCHITECTURE, BY_NAME, PASSTHROUGH, Classification, classify
 from .methods import REGISTRY, get_method
 from .model_card import model_card
 
@@ -114,7 +114,7 @@ def parse_dtype_any(name: str) -> torch.dtype:
 
 def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "opcm", *,
                precision: str = "float32", project: Sequence[str] = (), no_project: Sequence[str] = (),
-               progress: bool = False, **params: Any) -> "State":
+               strict_layers: bool = False, progress: bool = False, **params: Any) -> "State":
     """Create a merge state at ``path`` for ``base`` and a registered method (nothing merged yet)."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -127,7 +127,7 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
     base_path = Path(base).resolve()
     src = open_source(base_path)
     metas = {n: src.meta(n) for n in src.keys()}
-    kinds, how = classify(metas, src.folder, project, no_project)
+    cls = classify(metas, src.folder, project, no_project, strict=strict_layers)
     digests = {}
     for n in tqdm(src.keys(), desc="reading base", unit="tensor", disable=not progress, leave=False):
         t = src.get(n)
@@ -137,14 +137,22 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "cmerge_version": __version__,
         "created": _now(), "method": m.name, "params": m.p, "precision": precision,
-        "base": {"path": str(base_path), "sha256": combine_digests(digests), "classified_by": how,
-                 "tensors": {n: {"shape": list(metas[n].shape), "dtype": dtype_name(metas[n].dtype), "kind": kinds[n]}
-                             for n in sorted(metas)}},
+        "base": {"path": str(base_path), "sha256": combine_digests(digests), "classified_by": cls.how,
+                 "architecture": cls.architecture,
+                 "tensors": {n: {"shape": list(metas[n].shape), "dtype": dtype_name(metas[n].dtype),
+                                 "kind": cls.kinds[n], "route": cls.routes[n]} for n in sorted(metas)}},
         "scalars": m.initial_scalars(), "generation": None, "steps": [],
     }
     path.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(path / MANIFEST, manifest)
     return State(path)
+
+
+def classify_model(model: str | os.PathLike, project: Sequence[str] = (), no_project: Sequence[str] = (), *,
+                   strict: bool = False) -> Classification:
+    """How ``cmerge init`` would classify the tensors of ``model`` as a base (reads no tensor data)."""
+    src = open_source(Path(model))
+    return classify({n: src.meta(n) for n in src.keys()}, src.folder, project, no_project, strict=strict)
 
 
 def open_state(path: str | os.PathLike) -> "State":
@@ -193,16 +201,30 @@ class State:
     def compute_dtype(self) -> torch.dtype:
         return parse_dtype(self.manifest["precision"])
 
+    @property
+    def classification(self) -> Classification:
+        """Which tensors are projected and by which route (recorded at `init`)."""
+        b = self.manifest["base"]
+        default_route = BY_ARCHITECTURE if b["classified_by"].startswith("architecture") else BY_NAME
+        tensors = b["tensors"]
+        return Classification({n: v["kind"] for n, v in tensors.items()},
+                              {n: v.get("route", default_route) for n, v in tensors.items()},
+                              b["classified_by"], architecture=b.get("architecture"))
+
     def info(self) -> dict[str, Any]:
         """method, params, base, steps (name, sha256, norm, lambda, …), scalars and the tensor classification."""
         m = self.manifest
-        kinds = [v["kind"] for v in m["base"]["tensors"].values()]
+        cls = self.classification
+        kinds = list(cls.kinds.values())
         return {
             "state": str(self.path), "format_version": m["format_version"], "method": m["method"],
             "params": m["params"], "precision": m["precision"],
-            "base": {"path": m["base"]["path"], "sha256": m["base"]["sha256"], "classified_by": m["base"]["classified_by"]},
+            "base": {"path": m["base"]["path"], "sha256": m["base"]["sha256"], "classified_by": cls.how,
+                     "architecture": cls.architecture},
             "tensors": {k: kinds.count(k) for k in sorted(set(kinds))},
-            "classification": {n: v["kind"] for n, v in m["base"]["tensors"].items()},
+            "summary": cls.summary(),
+            "projected": cls.projected(),
+            "classification": cls.kinds, "routes": cls.routes,
             "scalars": m["scalars"], "generation": m["generation"], "steps": m["steps"],
         }
 
@@ -337,7 +359,7 @@ class State:
 
 
 def _provenance(info: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items() if k != "classification"}
+    return {k: v for k, v in info.items() if k not in ("classification", "routes")}
 
 
 def _default_name(model: Any, t: int) -> str:
