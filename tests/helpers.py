@@ -351,8 +351,8 @@ def cli_child(args: list[str], kill_at: str | None = None) -> None:
 
     from tqdm import tqdm
 
-    from cmerge import checkpoint
     from cmerge.cli import main
+    from cmerge.io import StreamingSafetensorsWriter
 
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, which a SIGKILL would leak
 
@@ -360,7 +360,7 @@ def cli_child(args: list[str], kill_at: str | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if kill_at == "mid_write":
-        real_write = checkpoint.StreamingSafetensorsWriter.write
+        real_write = StreamingSafetensorsWriter.write
         count = {"n": 0}
 
         def write(self, name, tensor):
@@ -369,7 +369,7 @@ def cli_child(args: list[str], kill_at: str | None = None) -> None:
             if count["n"] == max(1, len(self._specs) // 2):
                 die()
 
-        checkpoint.StreamingSafetensorsWriter.write = write
+        StreamingSafetensorsWriter.write = write
     elif kill_at is not None:
         real_replace = os.replace
 

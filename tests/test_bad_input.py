@@ -1,7 +1,6 @@
 """Bad input: one clear sentence on stderr, exit status 2, and the merge state unchanged byte for byte."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 
@@ -197,14 +196,12 @@ def test_same_model_twice_needs_force(tiny, state, cli):
 
 
 def test_concurrent_add_is_refused_by_the_lock(tiny, state, cli):
+    from cmerge.fsutil import locked
+
     before = helpers.snapshot(state)
-    fd = os.open(state / ".lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running `cmerge add` holds
+    with locked(state / ".lock", "held by the test"):  # what a running `cmerge add` holds
         helpers.assert_one_sentence_error(cli("add", state, tiny["paths"]["m1"], "-q"), "another cmerge process")
         assert helpers.snapshot(state) == before
-    finally:
-        os.close(fd)
     assert cli("add", state, tiny["paths"]["m1"], "-q").exit_code == 0
 
 

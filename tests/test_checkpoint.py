@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import helpers
-from cmerge.checkpoint import (SAFETENSORS_INDEX, TORCH_INDEX, StreamingSafetensorsWriter, content_hash,
+from cmerge.io import (SAFETENSORS_INDEX, TORCH_INDEX, StreamingSafetensorsWriter, content_hash,
                                copy_aux_files, open_source, parse_size, plan_shards, write_sharded)
 from cmerge.errors import CmergeError
 

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 import helpers
 from cmerge import Merger
-from cmerge.checkpoint import SafetensorsSource, StreamingSafetensorsWriter, open_source, read_streamed
-from cmerge.engine import _prefetch
+from cmerge.engine import ReadAhead, StepOptions
+from cmerge.io import SafetensorsSource, StreamingSafetensorsWriter, open_source
 from cmerge.errors import CmergeError
 from cmerge.methods.base import sq_norm
 
@@ -48,27 +48,27 @@ def test_mapped_reads_equal_pread(tmp_path, map_everything):
     sd = mixed_tensors()
     path = tmp_path / "m.safetensors"
     save_file(sd, str(path))
-    src = open_source(path)
+    src, msrc = open_source(path), open_source(path, mapped=True)
     for name, want in sd.items():
-        plain, mapped = src.get(name), read_streamed(src, name)
+        plain, mapped = src.get(name), msrc.get(name)
         assert mapped.dtype == want.dtype and mapped.shape == want.shape
         assert torch.equal(plain, want) and torch.equal(mapped, want), name
     before = path.read_bytes()
-    t = src.get_mapped("h.big")
+    t = msrc.get("h.big")
     t.mul_(2)  # a private map: writing to the tensor never reaches the file
     assert path.read_bytes() == before
-    del src
+    del src, msrc
     assert torch.equal(t, sd["h.big"] * 2)  # the tensor outlives its source
 
 
 def test_mapped_read_of_a_file_truncated_after_opening(tmp_path, map_everything):
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.randn(64, 64)}, str(path))
-    src = open_source(path)
+    src, msrc = open_source(path), open_source(path, mapped=True)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
     with pytest.raises(CmergeError, match="ended early"):
-        src.get_mapped("w")
+        msrc.get("w")
     with pytest.raises(CmergeError, match="ended early"):
         src.get("w")
 
@@ -120,13 +120,16 @@ def test_nan_in_a_large_mapped_tensor_is_refused(tmp_path, cli, map_everything, 
     assert helpers.snapshot(state) == before
 
 
-def test_finite_input_whose_task_vector_overflows_is_not_refused():
-    """‖τ‖² may overflow for finite inputs (float64 precision): only a non-finite input is refused."""
+def test_finite_input_whose_task_vector_norm_overflows_is_refused():
+    """‖τ‖² may overflow for finite inputs (float64 precision). Issue #18 changed this test: the step
+    used to be taken with ‖τ‖ = inf in the step log; now nothing non-finite is recorded, and the
+    step is refused with one sentence naming the tensor and the cause."""
     base = {"w": torch.full((4, 4), -1e300, dtype=torch.float64)}
     model = {"w": torch.full((4, 4), 1e300, dtype=torch.float64)}
     m = Merger(base, "task_arithmetic", precision="float64")
-    m.add(model)  # τ = 2e300 per entry: ‖τ‖² is inf, the input is finite
-    assert m.steps[-1]["norm"] == float("inf")
+    with pytest.raises(CmergeError, match=r"tensor 'w' has values so large .* norm overflows float64"):
+        m.add(model)  # τ = 2e300 per entry: ‖τ‖² is inf, the input is finite
+    assert m.steps == []
 
 
 def test_incoming_state_dict_is_not_modified(tmp_path):
@@ -166,7 +169,7 @@ def test_background_writer_errors_and_abort(tmp_path, monkeypatch):
     with pytest.raises(ValueError):
         w.write("b", sd["b"])  # out of order: refused at once, in the caller
 
-    def failing(self, tensor):
+    def failing(self, *args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(StreamingSafetensorsWriter, "_write_bytes", failing)
@@ -183,7 +186,7 @@ def test_background_writer_errors_and_abort(tmp_path, monkeypatch):
     w2 = StreamingSafetensorsWriter(tmp_path / "y.safetensors", specs_of(sd), background=True)
     w2.write("a", sd["a"])
     w2.abort()
-    assert w2._thread is None
+    assert not w2.running
 
 
 def test_prefetch_keeps_order_bounds_lookahead_and_raises_at_the_item():
@@ -201,14 +204,14 @@ def test_prefetch_keeps_order_bounds_lookahead_and_raises_at_the_item():
     names = [f"k{i:02d}" for i in range(20)]
     seen = []
     with pytest.raises(CmergeError, match="bad k13"):
-        for n, item in _prefetch(produce, names, depth=2):
+        for n, item in ReadAhead(produce, names, depth=2):
             assert item == n.upper()
             with lock:
                 assert len(produced) <= len(seen) + 1 + 3  # the one in use and at most depth + 1 ahead
             seen.append(n)
     assert seen == names[:13]
-    assert list(_prefetch(str.upper, [], depth=2)) == []
-    assert [i for _, i in _prefetch(str.upper, ["a", "b", "c"], depth=1)] == ["A", "B", "C"]
+    assert list(ReadAhead(str.upper, [], depth=2)) == []
+    assert [i for _, i in ReadAhead(str.upper, ["a", "b", "c"], depth=1)] == ["A", "B", "C"]
 
 
 @pytest.mark.parametrize("base_dtype,x_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),
@@ -217,7 +220,7 @@ def test_prefetch_keeps_order_bounds_lookahead_and_raises_at_the_item():
 @pytest.mark.parametrize("compute", [torch.float32, torch.float64])
 def test_rules_see_the_same_base_and_task_vector(base_dtype, x_dtype, compute):
     """τ from the stored base (no compute-dtype copy of it) and the lazily converted base are exact."""
-    from cmerge.checkpoint import MappingSource
+    from cmerge.io import MappingSource
     from cmerge.engine import Plan, run_step
     from cmerge.methods.base import Method, TensorUpdate
 
@@ -235,12 +238,12 @@ def test_rules_see_the_same_base_and_task_vector(base_dtype, x_dtype, compute):
             return TensorUpdate({"M": s.tau})
 
     class Sink:
-        def put(self, acc, name, tensor):
+        def put(self, acc, name, tensor, rows=None):
             seen["put"] = tensor
 
     plan = Plan({"w": open_source(b).meta("w")}, {"w": "other"})
-    out = run_step(Probe(), {}, 1, plan, MappingSource(b), MappingSource(x), None, Sink(), compute_dtype=compute,
-                   acc_dtype=compute)
+    out = run_step(Probe(), {}, 1, plan, MappingSource(b), MappingSource(x), None, Sink(),
+                   options=StepOptions(compute_dtype=compute, acc_dtype=compute))
     want_tau = x["w"].to(compute) - b["w"].to(compute)
     assert seen["tau"].dtype == compute and torch.equal(seen["tau"], want_tau)
     assert seen["base"].dtype == compute and torch.equal(seen["base"], b["w"].to(compute))

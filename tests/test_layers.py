@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import helpers
-from cmerge.checkpoint import TensorMeta, open_source
+from cmerge.io import TensorMeta, open_source
 from cmerge.errors import CmergeError
 from cmerge.layers import LINEAR, LINEAR_T, OTHER, PASSTHROUGH, classify
 

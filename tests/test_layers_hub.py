@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import helpers
-from cmerge.checkpoint import open_source
+from cmerge.io import open_source
 from cmerge.errors import CmergeError
 from cmerge.layers import BY_ARCHITECTURE, BY_NAME, LINEAR, LINEAR_T, OTHER, classify
 

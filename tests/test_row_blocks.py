@@ -16,10 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 import helpers
-import cmerge.engine as engine
 from cmerge import Merger
-from cmerge.checkpoint import StreamingSafetensorsWriter, _data_offsets, open_source
-from cmerge.engine import _prefetch, row_blocks
+from cmerge.engine import ReadAhead, StepOptions, row_blocks
+from cmerge.io import StreamingSafetensorsWriter, data_offsets, open_source
 from cmerge.errors import CmergeError
 from cmerge.linalg import opcm_project
 from cmerge.state import init_state, open_state
@@ -29,8 +28,8 @@ METHODS = [("opcm", {}), ("opcm", {"norm_average": "projected"}), ("task_arithme
 
 
 def run_chain(tmp_path, tag, method, params, block, monkeypatch, dtype=torch.float32, steps=3):
-    """init + ``steps`` adds + export with BLOCK_ELEMENTS = ``block``; returns what each step left."""
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", block)
+    """init + ``steps`` adds + export in blocks of ``block`` elements; returns what each step left."""
+    options = StepOptions(block_elements=block)
     base = helpers.tiny_base(seed=1, hidden=12, vocab=23, dtype=dtype)
     models = helpers.experts(base, steps, seed=2)
     root = tmp_path / "models"
@@ -42,11 +41,11 @@ def run_chain(tmp_path, tag, method, params, block, monkeypatch, dtype=torch.flo
     st = init_state(tmp_path / tag, root / "base", method, **params)
     out = []
     for i in range(steps):
-        entry = st.add(root / f"m{i}")
+        entry = st.add(root / f"m{i}", options=options)
         acc = open_source(next((tmp_path / tag).glob("gen-*/accumulators.safetensors")))
         out.append({"entry": entry, "acc": {n: acc.get(n) for n in acc.keys()},
-                    "scalars": dict(open_state(tmp_path / tag).manifest["scalars"])})
-    st.export(tmp_path / f"{tag}-out")
+                    "scalars": dict(open_state(tmp_path / tag).manifest.scalars)})
+    st.export(tmp_path / f"{tag}-out", options=options)
     return out, helpers.load_safetensors_dir(tmp_path / f"{tag}-out"), base, models
 
 
@@ -91,7 +90,7 @@ def test_blocks_give_the_whole_tensor_results(tmp_path, monkeypatch, method, par
 
 
 def test_blocks_path_refuses_nan_and_a_changed_base_like_the_whole_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 30)
+    options = StepOptions(block_elements=30)
     base = helpers.tiny_base(seed=1, hidden=12, vocab=23)
     pb = helpers.save_model(base, tmp_path / "base")
     m = helpers.expert(base, 1)
@@ -99,19 +98,19 @@ def test_blocks_path_refuses_nan_and_a_changed_base_like_the_whole_path(tmp_path
     bad["embed_tokens.weight"] = m["embed_tokens.weight"].clone()
     bad["embed_tokens.weight"][17, 3] = float("nan")  # in a late block of a split tensor
     st = init_state(tmp_path / "s", pb, "task_arithmetic")
-    st.add(helpers.save_model(m, tmp_path / "m"))
+    st.add(helpers.save_model(m, tmp_path / "m"), options=options)
     before = helpers.snapshot(tmp_path / "s")
     with pytest.raises(CmergeError, match="NaN"):
-        st.add(helpers.save_model(bad, tmp_path / "bad"))
+        st.add(helpers.save_model(bad, tmp_path / "bad"), options=options)
     assert helpers.snapshot(tmp_path / "s") == before
     changed = dict(base)
     changed["embed_tokens.weight"] = base["embed_tokens.weight"].clone()
     changed["embed_tokens.weight"][20, 0] += 1.0
     helpers.save_model(changed, pb)
     with pytest.raises(CmergeError, match="changed since"):
-        st.add(helpers.save_model(helpers.expert(base, 2), tmp_path / "m2"))
+        st.add(helpers.save_model(helpers.expert(base, 2), tmp_path / "m2"), options=options)
     with pytest.raises(CmergeError, match="changed since"):
-        st.export(tmp_path / "out")
+        st.export(tmp_path / "out", options=options)
     assert helpers.snapshot(tmp_path / "s") == before
 
 
@@ -132,18 +131,17 @@ def test_get_rows_reads_exactly_those_rows(tmp_path):
           "c": torch.randn(5, 2, 3, generator=g)}
     save_file(sd, str(tmp_path / "m.safetensors"))
     src = open_source(tmp_path / "m.safetensors")
-    assert src.reads_rows
     for n, t in sd.items():
         for rows in [slice(0, 1), slice(2, 5), slice(0, t.shape[0]), slice(t.shape[0] - 1, t.shape[0])]:
-            assert torch.equal(src.get_rows(n, rows), t[rows]), (n, rows)
+            assert torch.equal(src.get(n, rows), t[rows]), (n, rows)
     with pytest.raises(CmergeError, match="no tensor"):
-        src.get_rows("zz", slice(0, 1))
-    start, _ = _data_offsets(tmp_path / "m.safetensors")
+        src.get("zz", slice(0, 1))
+    start, _ = data_offsets(tmp_path / "m.safetensors")
     with open(tmp_path / "m.safetensors", "r+b") as f:  # truncated after opening: the data is gone
         f.truncate(start + 8)
     for n, t in sd.items():
         with pytest.raises(CmergeError, match="ended early"):
-            src.get_rows(n, slice(t.shape[0] - 1, t.shape[0]))
+            src.get(n, slice(t.shape[0] - 1, t.shape[0]))
 
 
 def test_writer_rows_in_order_only(tmp_path):
@@ -171,9 +169,8 @@ def test_writer_rows_in_order_only(tmp_path):
         w2.close()  # a tensor left half-written
 
 
-def test_large_items_are_not_read_ahead(monkeypatch):
+def test_large_items_are_not_read_ahead():
     """A large item is read only once the consumer is done with the previous one."""
-    monkeypatch.setattr(engine, "READ_AHEAD_BYTES", 100)
     sizes = {"s1": 10, "big1": 500, "s2": 10, "s3": 10, "big2": 500, "big3": 500, "s4": 10}
     live: set[str] = set()
     lock = threading.Lock()
@@ -185,7 +182,7 @@ def test_large_items_are_not_read_ahead(monkeypatch):
             peaks.append(sum(sizes[x] for x in live))
         return n
 
-    for n, _ in _prefetch(produce, list(sizes), depth=3, size=sizes.__getitem__):
+    for n, _ in ReadAhead(produce, list(sizes), depth=3, size=sizes.__getitem__, budget=100):
         with lock:
             peaks.append(sum(sizes[x] for x in live))
         for _ in range(2000):  # give the reader every chance to run ahead
@@ -247,11 +244,10 @@ def test_rules_leave_a_task_vector_they_do_not_own():
 @pytest.mark.parametrize("base_dtype", [torch.float16, torch.float32])
 def test_a_rule_that_reads_the_base_gets_its_rows(monkeypatch, base_dtype):
     """The engine drops the base tensor once τ is formed; a rule that asks gets it read again."""
-    from cmerge.checkpoint import MappingSource
     from cmerge.engine import Plan, run_step
+    from cmerge.io import MappingSource
     from cmerge.methods.base import Method, TensorUpdate
 
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 12)
     g = torch.Generator().manual_seed(4)
     b = {"w": torch.randn(10, 5, generator=g).to(base_dtype), "v": torch.randn(3, generator=g).to(base_dtype)}
     x = {n: (t.float() + 0.1).to(base_dtype) for n, t in b.items()}
@@ -272,15 +268,13 @@ def test_a_rule_that_reads_the_base_gets_its_rows(monkeypatch, base_dtype):
         def __init__(self):
             self.parts: dict[str, list] = {}
 
-        def put(self, acc, name, tensor):
+        def put(self, acc, name, tensor, rows=None):
             self.parts.setdefault(name, []).append(tensor)
-
-        def put_rows(self, acc, name, block):
-            self.parts.setdefault(name, []).append(block)
 
     sink = Sink()
     plan = Plan({n: MappingSource(b).meta(n) for n in b}, {"w": "linear", "v": "other"})
-    run_step(Probe(), {}, 1, plan, MappingSource(b), MappingSource(x), None, sink)
+    run_step(Probe(), {}, 1, plan, MappingSource(b), MappingSource(x), None, sink,
+             options=StepOptions(block_elements=12))
     assert len(sink.parts["w"]) == 5  # 10 rows of 5 in blocks of 2 rows
     for n in b:
         got_base = torch.cat([t for m, t in seen["base"] if m == n])

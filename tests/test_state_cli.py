@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import helpers
 from cmerge import REGISTRY, Merger, init_state, open_state
-from cmerge.checkpoint import content_hash, open_source
+from cmerge.io import content_hash, open_source
 from cmerge.errors import CmergeError
 
 METHODS = sorted(REGISTRY)
@@ -39,7 +39,7 @@ def test_streaming_state_equals_in_memory(tiny, tmp_path, method):
         assert torch.equal(got[n], want[n].to(got[n].dtype)), n
     # a state re-opened from disk continues exactly like the one in memory
     st2 = open_state(tmp_path / "state")
-    assert len(st2.steps) == 4 and st2.manifest["scalars"] == mem.scalars
+    assert len(st2.steps) == 4 and st2.manifest.scalars == mem.scalars
 
 
 def test_cli_init_add_export_equals_merge(tiny, tmp_path, cli):
@@ -96,7 +96,7 @@ def test_sharded_round_trip(tiny, tmp_path, cli):
 
 
 def test_sharded_inputs_equal_single_file_inputs(tiny, tmp_path):
-    from cmerge.checkpoint import write_sharded
+    from cmerge.io import write_sharded
 
     p = tiny["paths"]
     sharded = []
@@ -263,7 +263,7 @@ def test_own_method_flags_are_recorded(tiny, tmp_path, cli):
     res = cli("init", tmp_path / "s", "--base", tiny["paths"]["base"], "--keep-diagonal", "--scaling", "sqrt_t",
               "--drop-cross-blocks", "--norm-average", "projected", "--alpha", "0.25", "-q")
     assert res.exit_code == 0, res.stderr
-    assert open_state(tmp_path / "s").manifest["params"] == {
+    assert open_state(tmp_path / "s").manifest.params == {
         "alpha": 0.25, "keep_diagonal": True, "drop_cross_blocks": True, "scaling": "sqrt_t",
         "norm_average": "projected"}
 

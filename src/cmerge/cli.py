@@ -1,4 +1,11 @@
-"""The ``cmerge`` command. Method flags are derived from the registry's declared parameters."""
+"""The ``cmerge`` command.
+
+Method flags (``--alpha``, ``--lam``, …) and extra-input flags (``--fisher``) are derived
+from the registry's declarations, and every value is parsed by the chosen method's
+``Method.parse_params``; a merge may also be described by a YAML file (``--config``,
+config.py), whose values the flags override. Bad input ends in one sentence on stderr
+(``error: ...``) and exit status 2.
+"""
 from __future__ import annotations
 
 import json
@@ -7,88 +14,129 @@ import random
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from . import __version__
+from .config import MergeConfig, ModelEntry, check_extras, load_config
 from .errors import CmergeError
-from .methods import REGISTRY
-from .state import DEFAULT_SHARD_SIZE, MANIFEST, classify_model, init_state, open_state
+from .export import provenance
+from .io import DEFAULT_SHARD_SIZE
+from .manifest import MANIFEST
+from .methods import REGISTRY, get_method_class
+from .state import classify_model, init_state, open_state
 
 
-def _method_params() -> dict[str, tuple[Any, list[str]]]:
-    """Every declared parameter name → (a Param, the methods that declare it)."""
-    out: dict[str, tuple[Any, list[str]]] = {}
+# ---------------------------------------------------------------- options derived from the registry
+
+def _declared_params() -> dict[str, dict[str, Any]]:
+    """Every declared parameter name → {method: its Param}."""
+    out: dict[str, dict[str, Any]] = {}
     for mname, cls in REGISTRY.items():
         for p in cls.params:
-            if p.name in out:
-                prev = out[p.name][0]
-                if prev.type is not p.type:
-                    raise RuntimeError(f"parameter {p.name} is declared with two types")
-                out[p.name][1].append(mname)
-            else:
-                out[p.name] = (p, [mname])
+            out.setdefault(p.name, {})[mname] = p
+    return out
+
+
+def _extra_inputs() -> dict[str, list[str]]:
+    """Every declared extra input (e.g. ``fisher``) → the methods that take it."""
+    out: dict[str, list[str]] = {}
+    for mname, cls in REGISTRY.items():
+        for key in cls.extra_inputs:
+            out.setdefault(key, []).append(mname)
     return out
 
 
 def method_options(f: Callable) -> Callable:
-    """Add one ``--param-name`` option per declared method parameter (default: the method's own)."""
-    for name, (p, owners) in sorted(_method_params().items(), reverse=True):
-        decls = {o: next(q for q in REGISTRY[o].params if q.name == name) for o in owners}
-        if len({d.help for d in decls.values()}) == 1:
-            help_text = f"[{', '.join(owners)}] {p.help} (default {', '.join(f'{o}: {d.default}' for o, d in decls.items())})"
-        else:
-            help_text = " | ".join(f"[{o}] {d.help} (default {d.default})" for o, d in decls.items())
-        if p.type is bool:
+    """One ``--param-name`` option per declared method parameter; its value is parsed by the chosen method."""
+    for name, decls in sorted(_declared_params().items(), reverse=True):
+        p = next(iter(decls.values()))
+        help_text = " | ".join(f"[{o}] {d.help} (default {d.default}" + (f"; {d.range_text()}" if d.minimum is not None
+                               or d.maximum is not None else "") + ")" for o, d in decls.items())
+        if all(d.type is bool for d in decls.values()):
             f = click.option(f"{p.flag}/--no-{p.flag[2:]}", name, default=None, help=help_text)(f)
         else:
-            ptype = click.Choice(p.choices) if p.choices else p.type
-            f = click.option(p.flag, name, type=ptype, default=None, help=help_text)(f)
+            choices = {c for d in decls.values() for c in (d.choices or ())}
+            metavar = "|".join(sorted(choices)) if choices else "/".join(sorted({d.type.__name__.upper()
+                                                                                   for d in decls.values()}))
+            f = click.option(p.flag, name, type=str, default=None, metavar=metavar, help=help_text)(f)
     return f
 
 
-def _collect_params(method: str, given: dict[str, Any]) -> dict[str, Any]:
-    if method not in REGISTRY:
-        raise CmergeError(f"unknown method {method!r}; choose one of {', '.join(sorted(REGISTRY))}.")
-    own = {p.name for p in REGISTRY[method].params}
+def extra_input_options(multiple: bool) -> Callable[[Callable], Callable]:
+    """One ``--<input> FILE`` option per declared extra input (repeatable, one per model, for ``merge``)."""
+    def add(f: Callable) -> Callable:
+        for key, owners in sorted(_extra_inputs().items(), reverse=True):
+            help_text = (f"[{', '.join(owners)}] the {key} file of " + ("each model, in the order of MODELS "
+                         "(repeat once per model)" if multiple else "MODEL") + " (default: looked for beside it).")
+            f = click.option(f"--{key.replace('_', '-')}", f"extra_{key}", multiple=multiple, default=None,
+                             type=click.Path(path_type=Path), help=help_text)(f)
+        return f
+    return add
+
+
+def _method_flags(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The method parameter flags that were given; a flag the method does not declare is refused."""
+    own = {p.name for p in get_method_class(method).params}
     params = {}
-    for name, value in given.items():
+    for name in _declared_params():
+        value = kwargs.pop(name, None)
         if value is None:
             continue
         if name not in own:
-            raise CmergeError(f"--{name.replace('_', '-')} is not a parameter of method {method!r}"
-                              f" (it takes: {', '.join('--' + n.replace('_', '-') for n in sorted(own)) or 'none'}).")
+            takes = ", ".join("--" + n.replace("_", "-") for n in sorted(own)) or "none"
+            raise CmergeError(f"--{name.replace('_', '-')} is not a parameter of method {method!r} (it takes: {takes}).")
         params[name] = value
     return params
 
 
-def _split_params(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    names = set(_method_params())
-    return {k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names}
+def _extra_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: kwargs.pop(f"extra_{key}", None) for key in _extra_inputs()}
 
 
-method_choice = click.option("--method", type=click.Choice(sorted(REGISTRY)), default="opcm", show_default=True,
-                             help="continual merging method (see `cmerge methods`).")
-device_opt = click.option("--device", default="cpu", show_default=True, help="where to compute: cpu, cuda or auto.")
+def _config(path: Path | None) -> MergeConfig:
+    return load_config(path) if path is not None else MergeConfig()
+
+
+def _resolve(config_path: Path | None, method: str | None, kwargs: dict[str, Any], **flags: Any) -> MergeConfig:
+    """The merge config: the file's (if any), then every flag given on top; parameters checked by the method."""
+    config = _config(config_path)
+    method = method or config.method
+    if method != config.method:  # the file's parameters belong to its own method
+        config = replace(config, method=method, params={})
+    config = config.with_flags(params=_method_flags(method, kwargs), **flags)
+    config.method_params()
+    return config
+
+
+config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                          help="a YAML file describing the merge (method, params, base, models, dtype, ...); "
+                               "flags override its values.")
+method_opt = click.option("--method", type=click.Choice(sorted(REGISTRY)), default=None,
+                          help="continual merging method (see `cmerge methods`; default opcm).")
+device_opt = click.option("--device", default=None, help="where to compute: cpu, cuda or auto (default cpu).")
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="no progress bar.")
-precision_opt = click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32",
-                             show_default=True, help="compute and accumulator precision.")
+precision_opt = click.option("--precision", type=click.Choice(["float32", "float64"]), default=None,
+                             help="compute and accumulator precision (default float32).")
 project_opt = click.option("--project", "project", multiple=True, metavar="REGEX",
                            help="also project tensors whose name matches; each match must be 2-D (repeatable).")
 no_project_opt = click.option("--no-project", "no_project", multiple=True, metavar="REGEX",
                               help="never project tensors whose name matches (repeatable).")
-dtype_opt = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-                         help="dtype of the exported weights (default: the base's).")
-shard_opt = click.option("--shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
-                         help="largest safetensors shard, e.g. 5GB or 500MB.")
-
-
-strict_layers_opt = click.option("--strict-layers", is_flag=True,
+strict_layers_opt = click.option("--strict-layers", is_flag=True, default=None,
                                  help="refuse, instead of falling back to the name rule, when the architecture in "
                                       "config.json cannot be built or does not place all its linear weights.")
+allow_empty_opt = click.option("--allow-empty", is_flag=True, default=None,
+                               help="merge a model even if its task vector is zero (identical to the base).")
+dtype_opt = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+                         help="dtype of the exported weights (default: the base's).")
+shard_opt = click.option("--shard-size", default=None, help=f"largest safetensors shard, e.g. 5GB or 500MB "
+                                                            f"(default {DEFAULT_SHARD_SIZE}).")
 
+
+# ---------------------------------------------------------------- the group
 
 class _StderrNotes(logging.Handler):
     """cmerge's warnings (e.g. a classification fallback), one line each on the current stderr."""
@@ -125,22 +173,29 @@ def main() -> None:
     _show_notes()
 
 
+# ---------------------------------------------------------------- commands
+
 @main.command()
 @click.argument("state", type=click.Path(path_type=Path))
-@click.option("--base", required=True, type=click.Path(path_type=Path), help="the pre-trained model θ0.")
-@method_choice
+@click.option("--base", type=click.Path(path_type=Path), default=None, help="the pre-trained model θ0.")
+@method_opt
 @precision_opt
 @project_opt
 @no_project_opt
 @strict_layers_opt
+@config_opt
 @quiet_opt
 @method_options
-def init(state: Path, base: Path, method: str, precision: str, project, no_project, strict_layers: bool, quiet: bool,
-         **kwargs) -> None:
+def init(state: Path, base: Path | None, method: str | None, precision: str | None, project, no_project,
+         strict_layers: bool | None, config_path: Path | None, quiet: bool, **kwargs) -> None:
     """Create a merge STATE folder for BASE and a method (nothing merged yet)."""
-    params = _collect_params(method, kwargs)
-    st = init_state(state, base, method, precision=precision, project=project, no_project=no_project,
-                    strict_layers=strict_layers, progress=not quiet, **params)
+    cfg = _resolve(config_path, method, kwargs, base=str(base) if base else None, precision=precision,
+                   project=tuple(project), no_project=tuple(no_project), strict_layers=strict_layers)
+    if cfg.base is None:
+        raise CmergeError("give the base model with --base (or `base:` in the --config file).")
+    st = init_state(state, cfg.base, cfg.method, precision=cfg.precision, project=cfg.project,
+                    no_project=cfg.no_project, strict_layers=cfg.strict_layers, progress=not quiet,
+                    **cfg.method_params())
     info = st.info()
     click.echo(f"initialised {state}: method {info['method']} {json.dumps(info['params'])}, base {info['base']['path']}")
     click.echo(_describe_tensors(info))
@@ -151,15 +206,16 @@ def init(state: Path, base: Path, method: str, precision: str, project, no_proje
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--name", default=None, help="a name for this model in the step log (default: file or folder name).")
 @click.option("--force", is_flag=True, help="add the model even if its content hash is already in the log.")
-@click.option("--fisher", default=None, type=click.Path(path_type=Path),
-              help="per-tensor second moments of MODEL (for methods that need them).")
+@allow_empty_opt
+@extra_input_options(multiple=False)
 @device_opt
 @quiet_opt
-def add(state: Path, model: Path, name: str | None, force: bool, fisher: Path | None, device: str, quiet: bool) -> None:
+def add(state: Path, model: Path, name: str | None, force: bool, allow_empty: bool | None, device: str | None,
+        quiet: bool, **kwargs) -> None:
     """Fold MODEL into the merge STATE (one atomic step)."""
     st = open_state(state)
-    extras = {"fisher": fisher} if fisher is not None else None
-    entry = st.add(model, name=name, force=force, device=device, progress=not quiet, extras=extras)
+    entry = st.add(model, name=name, force=force, allow_empty=bool(allow_empty), device=device or "cpu",
+                   progress=not quiet, extras=_extra_flags(kwargs))
     click.echo(_describe_entry(entry))
     click.echo(_describe_tensors(st.info()))
 
@@ -168,9 +224,13 @@ def _describe_tensors(info: dict[str, Any]) -> str:
     return f"tensors: {info['summary']} (classified by {info['base']['classified_by']})"
 
 
-def _describe_entry(e: dict[str, Any]) -> str:
+def _describe_entry(e: Any) -> str:
     lam = f", λ_t = {e['lambda']:.4f}" if e.get("lambda") is not None else ""
     return f"step {e['t']}: merged {e['name']} (‖τ‖ = {e['norm']:.4f}{lam}) in {e['seconds']:.1f} s"
+
+
+def _exported(n: int, out: Path) -> str:
+    return f"exported the merge of {n} model{'s' if n != 1 else ''} to {out}"
 
 
 @main.command()
@@ -180,11 +240,12 @@ def _describe_entry(e: dict[str, Any]) -> str:
 @shard_opt
 @device_opt
 @quiet_opt
-def export(state: Path, out: Path, dtype: str | None, shard_size: str, device: str, quiet: bool) -> None:
+def export(state: Path, out: Path, dtype: str | None, shard_size: str | None, device: str | None, quiet: bool) -> None:
     """Write the merged model of STATE to the folder OUT (safetensors, config, tokenizer, model card)."""
     st = open_state(state)
-    st.export(out, dtype=dtype, shard_size=shard_size, device=device, progress=not quiet)
-    click.echo(f"exported {len(st.steps)} merged models to {out}")
+    st.export(out, dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE, device=device or "cpu",
+              progress=not quiet)
+    click.echo(_exported(len(st.steps), out))
 
 
 @main.command()
@@ -244,14 +305,17 @@ def methods() -> None:
         click.echo(f"{name}: {cls.summary}")
         for p in cls.params:
             choices = f" {{{'|'.join(p.choices)}}}" if p.choices else ""
-            click.echo(f"    {p.flag}{choices} (default {p.default}): {p.help}")
+            bounds = f", {p.range_text()}" if p.minimum is not None or p.maximum is not None else ""
+            click.echo(f"    {p.flag}{choices} (default {p.default}{bounds}): {p.help}")
+        for key, filename in cls.extra_inputs.items():
+            click.echo(f"    --{key.replace('_', '-')} FILE (default: {filename} beside the model): per-tensor input")
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--base", required=True, type=click.Path(path_type=Path), help="the pre-trained model θ0.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="output model folder.")
-@method_choice
+@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path), default=None, help="the pre-trained model θ0.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None, help="output model folder.")
+@method_opt
 @click.option("--shuffle", is_flag=True, help="merge in a random order (see --seed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of --shuffle.")
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), default=None,
@@ -260,40 +324,74 @@ def methods() -> None:
 @project_opt
 @no_project_opt
 @strict_layers_opt
+@allow_empty_opt
 @click.option("--dry-run", is_flag=True, help="only show how BASE's tensors would be classified (and with --tensors, "
                                                "each of them), then stop.")
 @click.option("--tensors", "list_tensors", is_flag=True, help="with --dry-run: list every tensor's classification.")
 @dtype_opt
 @shard_opt
 @device_opt
+@extra_input_options(multiple=True)
+@config_opt
 @quiet_opt
 @method_options
-def merge(models, base, out, method, shuffle, seed, state_dir, precision, project, no_project, strict_layers, dry_run,
-          list_tensors, dtype, shard_size, device, quiet, **kwargs) -> None:
-    """Merge MODELS into BASE one at a time (init + add each + export)."""
-    params = _collect_params(method, kwargs)
-    order = list(models)
+def merge(models, base, out, method, shuffle, seed, state_dir, precision, project, no_project, strict_layers,
+          allow_empty, dry_run, list_tensors, dtype, shard_size, device, config_path, quiet, **kwargs) -> None:
+    """Merge MODELS into BASE one at a time (init + add each + export); or the merge a --config file describes."""
+    extras = _extra_flags(kwargs)
+    entries = tuple(ModelEntry(str(m)) for m in models)
+    given = {k: list(v) for k, v in extras.items() if v}
+    if given:
+        n_models = len(entries) or len(_config(config_path).models)
+        for key, files in given.items():
+            if len(files) != n_models:
+                raise CmergeError(f"--{key} was given {len(files)} times for {n_models} models; give it once per "
+                                  f"model, in order.")
+    cfg = _resolve(config_path, method, kwargs, base=str(base) if base else None, models=entries or None,
+                   output=str(out) if out else None, precision=precision, project=tuple(project),
+                   no_project=tuple(no_project), strict_layers=strict_layers, allow_empty=allow_empty, dtype=dtype,
+                   shard_size=shard_size, device=device)
+    if given:
+        cfg = replace(cfg, models=tuple(
+            ModelEntry(m.path, m.name, {**m.extras, **{k: str(files[i]) for k, files in given.items()}})
+            for i, m in enumerate(cfg.models)))
+    check_extras(cfg)
+    if cfg.base is None:
+        raise CmergeError("give the base model with --base (or `base:` in the --config file).")
+    order = list(cfg.models)
     if shuffle:
         random.Random(seed).shuffle(order)
     if dry_run:
-        cls = classify_model(base, project, no_project, strict=strict_layers)
-        click.echo(f"would merge {len(order)} models into {base} with {method} {json.dumps(params)}")
+        cls = classify_model(cfg.base, cfg.project, cfg.no_project, strict=cfg.strict_layers)
+        click.echo(f"would merge {len(order)} models into {cfg.base} with {cfg.method} {json.dumps(cfg.params)}")
         click.echo(f"tensors: {cls.summary()} (classified by {cls.how})")
         if list_tensors:
             _list_tensors(cls.kinds, cls.routes)
         return
+    if not order:
+        raise CmergeError("give the models to merge (MODELS, or `models:` in the --config file).")
+    if cfg.output is None:
+        raise CmergeError("give the output folder with -o (or `output:` in the --config file).")
     tmp = None
     if state_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="cmerge-state-"))
         state_dir = tmp / "state"
     try:
-        st = init_state(state_dir, base, method, precision=precision, project=project, no_project=no_project,
-                        strict_layers=strict_layers, progress=not quiet, **params)
+        st = init_state(state_dir, cfg.base, cfg.method, precision=cfg.precision, project=cfg.project,
+                        no_project=cfg.no_project, strict_layers=cfg.strict_layers, progress=not quiet,
+                        **cfg.method_params())
         click.echo(_describe_tensors(st.info()))
         for m in order:
-            click.echo(_describe_entry(st.add(m, device=device, progress=not quiet)))
-        st.export(out, dtype=dtype, shard_size=shard_size, device=device, progress=not quiet)
-        click.echo(f"exported {len(order)} merged models to {out}")
+            entry = st.add(m.path, name=m.name, allow_empty=cfg.allow_empty, device=cfg.device, progress=not quiet,
+                           extras=m.extras or None)
+            click.echo(_describe_entry(entry))
+        record = provenance(st.info())
+        if tmp is not None:  # the state folder is gone after this command: record the inputs, not its path
+            for key in ("state", "generation"):
+                record.pop(key, None)
+        st.export(cfg.output, dtype=cfg.dtype, shard_size=cfg.shard_size, device=cfg.device, progress=not quiet,
+                  provenance=record)
+        click.echo(_exported(len(order), Path(cfg.output)))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

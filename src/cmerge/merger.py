@@ -1,84 +1,114 @@
 """In-memory continual merging, for research loops that never touch disk.
 
 ``Merger`` runs exactly the engine and method rules that an on-disk state runs, with the
-accumulators kept in a dict. ``merge`` folds a list of models in order and returns the
-merged state dict.
+accumulators kept in a dict, and exports through the same path. ``merge`` folds a list of
+models in order and returns the merged state dict.
 """
 from __future__ import annotations
 
-import datetime as _dt
+import math
 import time
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .checkpoint import TensorSource, dtype_name, open_source, parse_dtype
-from .engine import Plan, check_compatible, iter_merged, resolve_device, resolve_extras, run_step
+from .checks import check_task_vector, precision_dtype
+from .engine import Plan, StepOptions, check_compatible, iter_merged, resolve_device, resolve_extras, run_step
 from .errors import CmergeError
+from .export import export_merged
+from .io import DEFAULT_SHARD_SIZE, HashingSource, TensorSource, content_hash, dtype_name, open_source, parse_dtype
 from .layers import PASSTHROUGH, classify
+from .manifest import StepRecord
 from .methods import get_method
 
 
-class _DictAccumulators:
-    def __init__(self) -> None:
+class DictAccumulators:
+    """Accumulators in memory: a reader and a sink (whole tensors or blocks of rows) for the engine."""
+
+    def __init__(self, plan: Plan, dtype: torch.dtype) -> None:
+        self.plan, self.dtype = plan, dtype
         self.data: dict[str, dict[str, torch.Tensor]] = {}
 
-    def get(self, acc: str, name: str) -> torch.Tensor:
-        return self.data[acc][name]
+    def get(self, acc: str, name: str, rows: slice | None = None) -> torch.Tensor:
+        t = self.data[acc][name]
+        return t if rows is None else t[rows]
 
-    def put(self, acc: str, name: str, tensor: torch.Tensor) -> None:
-        self.data.setdefault(acc, {})[name] = tensor
+    def put(self, acc: str, name: str, tensor: torch.Tensor, rows: slice | None = None) -> None:
+        if rows is None:
+            self.data.setdefault(acc, {})[name] = tensor
+            return
+        if rows.start == 0:
+            self.data.setdefault(acc, {})[name] = torch.empty(self.plan.metas[name].shape, dtype=tensor.dtype)
+        self.data[acc][name][rows] = tensor
 
 
 class Merger:
     """A continual merge in memory: ``Merger(base, "opcm", alpha=0.5).add(m1).add(m2).state_dict()``.
 
     ``base`` and models are state dicts, ``nn.Module``s or paths. Parameters are the
-    method's declared ones (see ``cmerge.REGISTRY[name].params``).
+    method's declared ones (see ``cmerge.REGISTRY[name].params``). ``options``: block size
+    and read-ahead of the streaming engine (no effect on results).
     """
 
     def __init__(self, base: Any, method: str = "opcm", *, precision: str = "float32", device: str = "cpu",
                  project: Sequence[str] = (), no_project: Sequence[str] = (), strict_layers: bool = False,
-                 progress: bool = False, **params: Any) -> None:
+                 progress: bool = False, options: StepOptions | None = None, **params: Any) -> None:
         self.method = get_method(method, **params)
-        self.compute_dtype = parse_dtype(precision)
-        if self.compute_dtype not in (torch.float32, torch.float64):
-            raise CmergeError(f"precision must be float32 or float64, got {precision!r}.")
+        self.precision = precision
+        self.compute_dtype = precision_dtype(precision)
         self.device = device
         self.progress = progress
+        self.options = options or StepOptions()
         self.base: TensorSource = open_source(base, description="base model")
         metas = {n: self.base.meta(n) for n in self.base.keys()}
         self.classification = classify(metas, self.base.folder, project, no_project, strict=strict_layers)
         self.classified_by = self.classification.how
         self.plan = Plan(metas, self.classification.kinds)
         self.scalars: dict[str, Any] = self.method.initial_scalars()
-        self.steps: list[dict[str, Any]] = []
+        self.steps: list[StepRecord] = []
         self.overrides: list[dict[str, Any]] = []  # {"after_step": t, "tensors": [names]} per override()
-        self._acc = _DictAccumulators()
+        self._acc = DictAccumulators(self.plan, self.compute_dtype)
+        self._base_norm: float | None = None
 
     @property
     def kinds(self) -> Mapping[str, str]:
         return self.plan.kinds
 
-    def add(self, model: Any, name: str | None = None, *, extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Fold one model in; returns its step entry (name, sha256, norm, lambda, t, …)."""
-        incoming = open_source(model, description=name or "incoming model")
+    def _step_options(self, **changes: Any) -> StepOptions:
+        return StepOptions(compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype, device=self.device,
+                           progress=self.progress, block_elements=self.options.block_elements,
+                           read_ahead_bytes=self.options.read_ahead_bytes, **changes)
+
+    @property
+    def base_norm(self) -> float:
+        """‖θ0‖ over every floating tensor (read once, for the empty-task-vector check)."""
+        if self._base_norm is None:
+            sq = sum(float(torch.sum(self.base.get(n).double() ** 2)) for n in self.plan.merged_names())
+            self._base_norm = math.sqrt(sq)
+        return self._base_norm
+
+    def add(self, model: Any, name: str | None = None, *, extras: Mapping[str, Any] | None = None,
+            allow_empty: bool = False) -> StepRecord:
+        """Fold one model in; returns its step record (name, sha256, norm, lambda, t, …).
+
+        A zero (or negligible) task vector is refused unless ``allow_empty`` (checks.py).
+        """
+        incoming = HashingSource(open_source(model, description=name or "incoming model"))
         check_compatible(self.plan, incoming, incoming.description)
         extra_srcs = resolve_extras(self.method, model, extras)
         t = len(self.steps) + 1
-        new = _DictAccumulators()
+        new = DictAccumulators(self.plan, self.compute_dtype)
         started = time.time()
         out = run_step(self.method, self.scalars, t, self.plan, self.base, incoming, self._acc, new,
-                       extras=extra_srcs, compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype,
-                       device=self.device, hash_base=False, progress=self.progress,
-                       desc=f"step {t}: {name or 'model'}")
+                       extras=extra_srcs, options=self._step_options(desc=f"step {t}: {name or 'model'}"))
+        check_task_vector(out.tau_norm, self.base_norm, incoming.description, allow_empty)
         self._acc, self.scalars = new, out.scalars
-        entry = {"t": t, "name": name or f"model-{t}", "sha256": out.incoming_sha256,
-                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                 "seconds": round(time.time() - started, 3), "norm": out.tau_norm, "lambda": None,
-                 **self.method.step_summary(out.scalars), "protected_rank": out.notes or None}
-        self.steps.append(entry)
-        return entry
+        record = StepRecord(t=t, name=name or f"model-{t}", sha256=incoming.digest(),
+                            seconds=round(time.time() - started, 3), norm=out.tau_norm,
+                            summary=self.method.step_summary(out.scalars), protected_rank=out.notes or None)
+        self.steps.append(record)
+        return record
 
     def override(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Replace the merged value θ_merged of the named tensors, e.g. after representation alignment.
@@ -126,13 +156,45 @@ class Merger:
                 self._acc.put(a, name, v)
         self.overrides.append({"after_step": len(self.steps), "tensors": sorted(new)})
 
-    def state_dict(self, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """θ_merged as a state dict (dtype: the compute dtype unless given)."""
+    def _merged(self, dtype: torch.dtype | None, desc: str = "exporting"):
         if not self.steps:
             raise CmergeError("nothing has been merged yet; call add() first.")
+        return iter_merged(self.method, self.scalars, self.plan, self.base, self._acc, dtype=dtype,
+                           options=self._step_options(desc=desc))
+
+    def state_dict(self, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """θ_merged as a state dict (dtype: the compute dtype unless given)."""
         out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else (dtype or self.compute_dtype)
-        return dict(iter_merged(self.method, self.scalars, self.plan, self.base, self._acc, dtype=out_dtype,
-                                compute_dtype=self.compute_dtype, device=self.device))
+        out: dict[str, torch.Tensor] = {}
+        done: dict[str, int] = {}
+        for name, t in self._merged(out_dtype):
+            shape = self.plan.metas[name].shape
+            if tuple(t.shape) == tuple(shape) and name not in done:
+                out[name] = t
+                continue
+            if name not in done:  # the first block of a tensor streamed by rows
+                out[name], done[name] = torch.empty(shape, dtype=t.dtype), 0
+            out[name][done[name]:done[name] + t.shape[0]] = t
+            done[name] += t.shape[0]
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """What a state's info gives, for the model card and provenance of :meth:`export`."""
+        cls = self.classification
+        kinds = list(cls.kinds.values())
+        return {"method": self.method.name, "params": self.method.p, "precision": self.precision,
+                "base": {"path": self.base.description if self.base.folder is None else str(self.base.folder),
+                         "sha256": content_hash(self.base), "classified_by": cls.how,
+                         "architecture": cls.architecture},
+                "tensors": {k: kinds.count(k) for k in sorted(set(kinds))}, "summary": cls.summary(),
+                "projected": cls.projected(), "classification": cls.kinds, "routes": cls.routes,
+                "scalars": self.scalars, "steps": [s.to_dict() for s in self.steps], "overrides": self.overrides}
+
+    def export(self, out: str | Path, *, dtype: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+        """Write θ_merged as a model folder, exactly as ``cmerge export`` writes a state's."""
+        tensors = self._merged(parse_dtype(dtype) if dtype else None)
+        return export_merged(out, self.plan, tensors, self.info(), dtype=dtype, shard_size=shard_size,
+                             aux_from=self.base.folder)
 
 
 def merge(base: Any, models: Iterable[Any], method: str = "opcm", *, names: Sequence[str] | None = None,

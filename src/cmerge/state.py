@@ -1,11 +1,12 @@
-"""The on-disk merge state: a JSON manifest plus accumulator generations.
+"""The on-disk merge state: a typed manifest plus accumulator generations.
 
 Layout of a state folder::
 
     manifest.json            format, method + parameters, base (path, sha256, tensors, kinds),
-                             scalars (λ_t, …), the step log, the current generation
-    gen-000003/accumulators.safetensors   the method's per-tensor accumulators after step 3
-    .lock                    held (flock) by a running `add`
+                             scalars (λ_t, …), the step log, the current generation (manifest.py)
+    gen-000003/accumulators.safetensors   the method's per-tensor accumulators after step 3,
+                             one tensor "<accumulator>/<tensor name>" per accumulator and tensor
+    .lock                    held by a running `add` (exclusive) or `export` (shared)
 
 A step writes ``gen-00000t.partial/``, renames it to ``gen-00000t/`` and then switches the
 manifest by an atomic rename, so a kill at any instant leaves the last good state readable;
@@ -13,103 +14,73 @@ leftovers of an interrupted step are removed by the next ``add``, which redoes t
 """
 from __future__ import annotations
 
-import datetime as _dt
-import fcntl
-import json
+import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import (SafetensorsSource, StreamingSafetensorsWriter, TensorMeta, TensorSource, combine_digests,
-                         copy_aux_files, dtype_name, open_source, parse_dtype, parse_size, tensor_digest, write_sharded)
-from .engine import (Plan, accumulator_key, accumulator_specs, check_compatible, iter_merged, resolve_extras,
-                     run_step)
+from .engine import AccumulatorReader, Plan, StepOptions, check_compatible, iter_merged, resolve_extras, run_step
 from .errors import CmergeError
-from .layers import BY_ARCHITECTURE, BY_NAME, PASSTHROUGH, Classification, classify
-from .methods import REGISTRY, get_method
-from .model_card import model_card
+from .export import export_merged
+from .fsutil import fsync_dir, is_temporary, locked
+from .io import (DEFAULT_SHARD_SIZE, HashingSource, SafetensorsSource, StreamingSafetensorsWriter, TensorSource,
+                 combine_digests, content_hash, describe, dtype_name, open_source, parse_dtype, tensor_digest)
+from .layers import Classification, classify
+from .manifest import MANIFEST, BaseRecord, Manifest, StepRecord, TensorRecord, file_fingerprints
+from .methods import Method, get_method
+from .checks import check_task_vector, precision_dtype
 
-FORMAT = "cmerge-state"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 LOCK = ".lock"
-DEFAULT_SHARD_SIZE = "5GB"
+ACCUMULATORS = "accumulators.safetensors"
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def accumulator_key(acc: str, name: str) -> str:
+    """The accumulator file's name of accumulator ``acc`` of tensor ``name``."""
+    return f"{acc}/{name}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def accumulator_specs(plan: Plan, method: Method, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The accumulator tensors a step writes (every merged tensor's accumulators, side by side)."""
+    return [(accumulator_key(a, n), dtype, plan.metas[n].shape) for n in plan.merged_names() for a in method.accumulators]
 
 
 def _gen_dir(t: int) -> str:
     return f"gen-{t:06d}"
 
 
-class _DiskAccumulators:
-    """Reads the accumulators of one generation, one tensor at a time."""
+class DiskAccumulators:
+    """Reads the accumulators of one generation, one tensor (or block of rows) at a time."""
 
     def __init__(self, path: Path, method: str) -> None:
-        self._src = SafetensorsSource([path], f"the merge state's accumulators {path}")
+        # mapped: a step and an export use each accumulator tensor once and drop it
+        self._src = SafetensorsSource([path], f"the merge state's accumulators {path}", mapped=True)
         written_by = self._src.metadata.get("method")
         if written_by != method:
             raise CmergeError(f"the merge state's accumulators {path} were written by method {written_by!r} but its "
                               f"manifest names method {method!r}; the state is inconsistent.")
 
-    def get(self, acc: str, name: str) -> torch.Tensor:
-        # mapped: a step and an export use each accumulator tensor once and drop it
-        return self._src.get_mapped(accumulator_key(acc, name))
-
-    def get_rows(self, acc: str, name: str, rows: slice) -> torch.Tensor:
-        return self._src.get_rows(accumulator_key(acc, name), rows)
+    def get(self, acc: str, name: str, rows: slice | None = None) -> torch.Tensor:
+        return self._src.get(accumulator_key(acc, name), rows)
 
 
-class _WriterSink:
-    def __init__(self, writer: StreamingSafetensorsWriter) -> None:
-        self.writer = writer
+class AccumulatorFile:
+    """The sink of a step: a new generation's accumulator file, written as the step streams."""
 
-    def put(self, acc: str, name: str, tensor: torch.Tensor) -> None:
-        self.writer.write(accumulator_key(acc, name), tensor)
+    def __init__(self, path: Path, plan: Plan, method: Method, dtype: torch.dtype, t: int) -> None:
+        self.writer = StreamingSafetensorsWriter(path, accumulator_specs(plan, method, dtype),
+                                                 {"cmerge_step": str(t), "method": method.name},
+                                                 background=True, any_order=True)
 
-    def put_rows(self, acc: str, name: str, block: torch.Tensor) -> None:
-        self.writer.write_rows(accumulator_key(acc, name), block)
-
-
-def _plan_from_manifest(m: Mapping[str, Any]) -> Plan:
-    tensors = m["base"]["tensors"]
-    metas = {n: TensorMeta(tuple(v["shape"]), parse_dtype_any(v["dtype"])) for n, v in tensors.items()}
-    return Plan(metas, {n: v["kind"] for n, v in tensors.items()})
-
-
-def parse_dtype_any(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise CmergeError(f"the manifest names an unknown dtype {name!r}.")
-    return dt
+    def put(self, acc: str, name: str, tensor: torch.Tensor, rows: slice | None = None) -> None:
+        if rows is None:
+            self.writer.write(accumulator_key(acc, name), tensor)
+        else:
+            self.writer.write_rows(accumulator_key(acc, name), tensor)
 
 
 def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "opcm", *,
@@ -122,29 +93,32 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
     if not isinstance(base, (str, os.PathLike)):
         raise CmergeError("an on-disk merge state needs the base model as a path; use cmerge.Merger for in-memory models.")
     m = get_method(method, **params)
-    if precision not in ("float32", "float64"):
-        raise CmergeError(f"precision must be float32 or float64, got {precision!r}.")
+    compute = precision_dtype(precision)
     base_path = Path(base).resolve()
     src = open_source(base_path)
     metas = {n: src.meta(n) for n in src.keys()}
     cls = classify(metas, src.folder, project, no_project, strict=strict_layers)
-    digests = {}
+    digests, sq = {}, 0.0
     for n in tqdm(src.keys(), desc="reading base", unit="tensor", disable=not progress, leave=False):
         t = src.get(n)
-        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-            raise CmergeError(f"the base model's tensor {n!r} contains NaN or Inf.")
+        if t.dtype.is_floating_point:
+            if not bool(torch.isfinite(t).all()):
+                raise CmergeError(f"the base model's tensor {n!r} contains NaN or Inf.")
+            if not bool(torch.isfinite(t.to(compute)).all()):
+                raise CmergeError(f"the base model's tensor {n!r} has values too large for {precision}, the merge "
+                                  f"state's precision (|x| up to {float(t.abs().max()):.3g}).")
+            sq += float(torch.sum(t.double() ** 2))
         digests[n] = tensor_digest(n, t)
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "cmerge_version": __version__,
-        "created": _now(), "method": m.name, "params": m.p, "precision": precision,
-        "base": {"path": str(base_path), "sha256": combine_digests(digests), "classified_by": cls.how,
-                 "architecture": cls.architecture,
-                 "tensors": {n: {"shape": list(metas[n].shape), "dtype": dtype_name(metas[n].dtype),
-                                 "kind": cls.kinds[n], "route": cls.routes[n]} for n in sorted(metas)}},
-        "scalars": m.initial_scalars(), "generation": None, "steps": [],
-    }
+    if not math.isfinite(sq):
+        raise CmergeError("the base model's norm overflows float64; its values are too large to merge.")
+    base_record = BaseRecord(
+        path=str(base_path), sha256=combine_digests(digests), classified_by=cls.how, architecture=cls.architecture,
+        norm=math.sqrt(sq), files=file_fingerprints(src.files),
+        tensors={n: TensorRecord(list(metas[n].shape), dtype_name(metas[n].dtype), cls.kinds[n], cls.routes[n])
+                 for n in sorted(metas)})
+    manifest = Manifest(method=m.name, params=m.p, precision=precision, base=base_record, scalars=m.initial_scalars())
     path.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path / MANIFEST, manifest)
+    manifest.save(path)
     return State(path)
 
 
@@ -165,51 +139,29 @@ class State:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.manifest = self._load()
+        self.manifest = Manifest.load(self.path)
 
     # ------------------------------------------------------------ reading
-    def _load(self) -> dict[str, Any]:
-        mpath = self.path / MANIFEST
-        if not mpath.exists():
-            raise CmergeError(f"{self.path} is not a cmerge merge state (no {MANIFEST}); create one with `cmerge init`.")
-        try:
-            m = json.loads(mpath.read_text())
-        except Exception as exc:
-            raise CmergeError(f"{mpath} is not readable JSON ({exc}).") from exc
-        if m.get("format") != FORMAT:
-            raise CmergeError(f"{mpath} is not a cmerge merge state manifest.")
-        if int(m.get("format_version", -1)) > FORMAT_VERSION:
-            raise CmergeError(f"{self.path} was written by a newer cmerge (state format {m.get('format_version')}); "
-                              f"upgrade cmerge to read it.")
-        if m.get("method") not in REGISTRY:
-            raise CmergeError(f"{self.path} was written by method {m.get('method')!r}, which this cmerge does not know.")
-        return m
-
     @property
-    def method(self):
-        return get_method(self.manifest["method"], **self.manifest["params"])
+    def method(self) -> Method:
+        return get_method(self.manifest.method, **self.manifest.params)
 
     @property
     def plan(self) -> Plan:
-        return _plan_from_manifest(self.manifest)
+        return self.manifest.plan
 
     @property
-    def steps(self) -> list[dict[str, Any]]:
-        return self.manifest["steps"]
+    def steps(self) -> list[StepRecord]:
+        return self.manifest.steps
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return parse_dtype(self.manifest["precision"])
+        return parse_dtype(self.manifest.precision)
 
     @property
     def classification(self) -> Classification:
         """Which tensors are projected and by which route (recorded at `init`)."""
-        b = self.manifest["base"]
-        default_route = BY_ARCHITECTURE if b["classified_by"].startswith("architecture") else BY_NAME
-        tensors = b["tensors"]
-        return Classification({n: v["kind"] for n, v in tensors.items()},
-                              {n: v.get("route", default_route) for n, v in tensors.items()},
-                              b["classified_by"], architecture=b.get("architecture"))
+        return self.manifest.base.classification()
 
     def info(self) -> dict[str, Any]:
         """method, params, base, steps (name, sha256, norm, lambda, …), scalars and the tensor classification."""
@@ -217,149 +169,141 @@ class State:
         cls = self.classification
         kinds = list(cls.kinds.values())
         return {
-            "state": str(self.path), "format_version": m["format_version"], "method": m["method"],
-            "params": m["params"], "precision": m["precision"],
-            "base": {"path": m["base"]["path"], "sha256": m["base"]["sha256"], "classified_by": cls.how,
+            "state": str(self.path), "format_version": m.format_version, "method": m.method,
+            "params": m.params, "precision": m.precision,
+            "base": {"path": m.base.path, "sha256": m.base.sha256, "classified_by": cls.how,
                      "architecture": cls.architecture},
             "tensors": {k: kinds.count(k) for k in sorted(set(kinds))},
-            "summary": cls.summary(),
-            "projected": cls.projected(),
+            "summary": cls.summary(), "projected": cls.projected(),
             "classification": cls.kinds, "routes": cls.routes,
-            "scalars": m["scalars"], "generation": m["generation"], "steps": m["steps"],
+            "scalars": m.scalars, "generation": m.generation, "steps": [s.to_dict() for s in m.steps],
         }
 
     def _base_source(self) -> TensorSource:
-        bpath = Path(self.manifest["base"]["path"])
+        bpath = Path(self.manifest.base.path)
         if not bpath.exists():
             raise CmergeError(f"the base model {bpath} recorded in the merge state no longer exists.")
-        src = open_source(bpath, description=f"base {bpath}")
+        src = open_source(bpath, description=f"base {bpath}", mapped=True)
         check_compatible(self.plan, src, f"the base model {bpath}")
         return src
 
-    def _accumulators(self) -> _DiskAccumulators | None:
-        gen = self.manifest["generation"]
-        return None if gen is None else _DiskAccumulators(self.path / gen / "accumulators.safetensors",
-                                                          self.manifest["method"])
+    def _changed_base(self) -> CmergeError:
+        return CmergeError(f"the base model {self.manifest.base.path} changed since `cmerge init` (content hash "
+                           f"differs); restore it or start a new state.")
+
+    def _check_base_unchanged(self, base: TensorSource) -> None:
+        """Before a step's compute: a base whose files changed size or time is hashed now, and refused if it
+        changed; an untouched one is hashed while the step streams (and checked at its end)."""
+        recorded = self.manifest.base.files
+        if recorded is not None and file_fingerprints(base.files) == recorded:
+            return
+        if content_hash(base) != self.manifest.base.sha256:
+            raise self._changed_base()
+
+    def _accumulators(self) -> AccumulatorReader | None:
+        gen = self.manifest.generation
+        return None if gen is None else DiskAccumulators(self.path / gen / ACCUMULATORS, self.manifest.method)
 
     # ------------------------------------------------------------ writing
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(str(self.path / LOCK), os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise CmergeError(f"another cmerge process is adding to {self.path}; wait for it to finish.") from None
-            yield
-        finally:
-            os.close(fd)
+    def _lock(self, exclusive: bool) -> Any:
+        """An `add` holds the state's lock alone; exports share it with each other, never with an add."""
+        busy = (f"another cmerge process is using {self.path} (an add or an export); wait for it to finish."
+                if exclusive else f"another cmerge process is adding to {self.path}; export once it has finished.")
+        return locked(self.path / LOCK, busy, exclusive=exclusive)
 
     def _remove_stale(self) -> None:
-        keep = self.manifest["generation"]
+        keep = self.manifest.generation
         for p in self.path.iterdir():
             if p.is_dir() and p.name.startswith("gen-") and p.name != keep:
                 shutil.rmtree(p, ignore_errors=True)
-        tmp = self.path / (MANIFEST + ".tmp")
-        if tmp.exists():
-            tmp.unlink()
+            elif is_temporary(p, MANIFEST):
+                p.unlink()
 
-    def add(self, model: Any, name: str | None = None, *, force: bool = False, device: str = "cpu",
-            progress: bool = False, extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Fold one model into the state (one atomic step) and return its step-log entry."""
-        with self._locked():
-            self.manifest = self._load()
+    def add(self, model: Any, name: str | None = None, *, force: bool = False, allow_empty: bool = False,
+            device: str = "cpu", progress: bool = False, extras: Mapping[str, Any] | None = None,
+            options: StepOptions | None = None) -> StepRecord:
+        """Fold one model into the state (one atomic step) and return its step record.
+
+        Refused with one sentence, the state unchanged: a model already merged (unless
+        ``force``), a base that changed, a task vector that is zero or negligible (unless
+        ``allow_empty``), and every bad input the engine refuses. ``options``: block size
+        and read-ahead of the streaming (no effect on the result).
+        """
+        with self._lock(exclusive=True):
+            self.manifest = Manifest.load(self.path)
             self._remove_stale()
             method, plan = self.method, self.plan
-            incoming = open_source(model)
+            incoming = open_source(model, mapped=True)
             check_compatible(plan, incoming, incoming.description)
             extra_srcs = resolve_extras(method, model, extras)
             base = self._base_source()
+            sha = content_hash(incoming)  # before any compute: a duplicate is refused at once
+            for s in self.steps:
+                if s.sha256 == sha and not force:
+                    raise CmergeError(f"this model was already merged as step {s.t} ({s.name}); pass --force to add it "
+                                      f"again.")
+            self._check_base_unchanged(base)
             t = len(self.steps) + 1
-            final = self.path / _gen_dir(t)
-            partial = self.path / (_gen_dir(t) + ".partial")
+            final, partial = self.path / _gen_dir(t), self.path / (_gen_dir(t) + ".partial")
             partial.mkdir()
-            acc_dtype = self.compute_dtype
-            writer = StreamingSafetensorsWriter(partial / "accumulators.safetensors",
-                                                accumulator_specs(plan, method, acc_dtype),
-                                                {"cmerge_step": str(t), "method": method.name}, background=True)
+            sink = AccumulatorFile(partial / ACCUMULATORS, plan, method, self.compute_dtype, t)
+            hashed_base = HashingSource(base)
+            opt = options or StepOptions()
+            opt = StepOptions(compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype, device=device,
+                              progress=progress, desc=f"step {t}: {name or incoming.description}",
+                              block_elements=opt.block_elements, read_ahead_bytes=opt.read_ahead_bytes)
             started = time.time()
             try:
-                out = run_step(method, self.manifest["scalars"], t, plan, base, incoming, self._accumulators(),
-                               _WriterSink(writer), extras=extra_srcs, compute_dtype=self.compute_dtype,
-                               acc_dtype=acc_dtype, device=device, progress=progress,
-                               desc=f"step {t}: {name or incoming.description}", map_reads=True)
-                if out.base_sha256 != self.manifest["base"]["sha256"]:
-                    raise CmergeError(f"the base model {self.manifest['base']['path']} changed since `cmerge init` "
-                                      f"(content hash differs); restore it or start a new state.")
-                for s in self.steps:
-                    if s["sha256"] == out.incoming_sha256 and not force:
-                        raise CmergeError(f"this model was already merged as step {s['t']} ({s['name']}); "
-                                          f"pass --force to add it again.")
-                writer.close()
+                out = run_step(method, self.manifest.scalars, t, plan, hashed_base, incoming, self._accumulators(),
+                               sink, extras=extra_srcs, options=opt)
+                if hashed_base.digest() != self.manifest.base.sha256:
+                    raise self._changed_base()
+                check_task_vector(out.tau_norm, self.manifest.base.norm, incoming.description, allow_empty)
+                sink.writer.close()
             except BaseException:
-                writer.abort()
+                sink.writer.abort()
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
             os.replace(partial, final)
-            _fsync_dir(self.path)
-            entry = {
-                "t": t, "name": name or _default_name(model, t), "source": _describe_source(model),
-                "sha256": out.incoming_sha256, "time": _now(), "seconds": round(time.time() - started, 3),
-                "norm": out.tau_norm, "lambda": None, **method.step_summary(out.scalars),
-                "protected_rank": out.notes or None,
-            }
-            if extra_srcs:
-                entry["extras"] = {k: src.description for k, src in extra_srcs.items()}
-            old = self.manifest["generation"]
-            new_manifest = dict(self.manifest, scalars=out.scalars, generation=final.name,
-                                steps=self.steps + [entry], updated=_now())
-            _write_json_atomic(self.path / MANIFEST, new_manifest)
+            fsync_dir(self.path)
+            record = StepRecord(t=t, name=name or _default_name(model, t), source=describe(model), sha256=sha,
+                                seconds=round(time.time() - started, 3), norm=out.tau_norm,
+                                summary=method.step_summary(out.scalars), protected_rank=out.notes or None,
+                                extras={k: src.description for k, src in extra_srcs.items()} or None)
+            old = self.manifest.generation
+            new_manifest = self.manifest.with_step(record, out.scalars, final.name)
+            new_manifest.save(self.path)
             self.manifest = new_manifest
             if old is not None:
                 shutil.rmtree(self.path / old, ignore_errors=True)
-            return entry
+            return record
 
     def export(self, out: str | os.PathLike, *, dtype: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
-               device: str = "cpu", progress: bool = False) -> Path:
-        """Write θ_merged as a model folder: safetensors (sharded + index if large), config/tokenizer, model card."""
-        out = Path(out)
-        if not self.steps:
-            raise CmergeError(f"nothing has been merged into {self.path} yet; run `cmerge add` first.")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise CmergeError(f"{out} already exists and is not empty; choose a new output folder.")
-        out_dtype = parse_dtype(dtype) if dtype else None
-        max_bytes = parse_size(shard_size)
-        method, plan, base = self.method, self.plan, self._base_source()
-        specs = [(n, out_dtype if (out_dtype and plan.kinds[n] != PASSTHROUGH) else plan.metas[n].dtype,
-                  plan.metas[n].shape) for n in plan.names]
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        digests: dict[str, bytes] = {}
-        try:
-            tensors = iter_merged(method, self.manifest["scalars"], plan, base, self._accumulators(),
-                                  dtype=out_dtype, compute_dtype=self.compute_dtype, device=device,
-                                  digests=digests, progress=progress, map_reads=True, by_rows=True)
-            want = {n: d for n, d, _ in specs}
-            write_sharded(tmp, specs, ((n, t if t.dtype == want[n] else t.to(want[n])) for n, t in tensors),
-                          max_bytes, {"cmerge_method": method.name}, background=True)
-            if combine_digests(digests) != self.manifest["base"]["sha256"]:
-                raise CmergeError(f"the base model {self.manifest['base']['path']} changed since `cmerge init` "
-                                  f"(content hash differs); restore it or start a new state.")
-            copy_aux_files(base.folder, tmp)
-            (tmp / "README.md").write_text(model_card(self.info(), dtype or "as base"))
-            (tmp / "cmerge_merge.json").write_text(json.dumps(_provenance(self.info()), indent=2) + "\n")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        return out
+               device: str = "cpu", progress: bool = False, provenance: Mapping[str, Any] | None = None,
+               options: StepOptions | None = None) -> Path:
+        """Write θ_merged as a model folder: safetensors (sharded + index if large), config/tokenizer, model card.
 
+        ``provenance``: what ``cmerge_merge.json`` records instead of the state's own path and
+        step log (``cmerge merge`` passes its inputs).
+        """
+        with self._lock(exclusive=False):
+            self.manifest = Manifest.load(self.path)
+            if not self.steps:
+                raise CmergeError(f"nothing has been merged into {self.path} yet; run `cmerge add` first.")
+            base = HashingSource(self._base_source())
+            opt = options or StepOptions()
+            opt = StepOptions(compute_dtype=self.compute_dtype, device=device, progress=progress, desc="exporting",
+                              block_elements=opt.block_elements, read_ahead_bytes=opt.read_ahead_bytes)
+            tensors = iter_merged(self.method, self.manifest.scalars, self.plan, base, self._accumulators(),
+                                  dtype=parse_dtype(dtype) if dtype else None, options=opt)
 
-def _provenance(info: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items() if k not in ("classification", "routes")}
+            def base_unchanged() -> None:
+                if base.digest() != self.manifest.base.sha256:
+                    raise self._changed_base()
+
+            info = self.info()
+            return export_merged(out, self.plan, tensors, info, dtype=dtype, shard_size=shard_size,
+                                 aux_from=base.folder, before_commit=base_unchanged, provenance_record=provenance)
 
 
 def _default_name(model: Any, t: int) -> str:
@@ -368,8 +312,3 @@ def _default_name(model: Any, t: int) -> str:
         return p.stem if p.is_file() else p.name
     return f"model-{t}"
 
-
-def _describe_source(model: Any) -> str:
-    if isinstance(model, (str, os.PathLike)):
-        return str(Path(model).resolve())
-    return f"<in-memory {type(model).__name__}>"

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm import tqdm
 
-from cmerge.checkpoint import open_source
+from cmerge.io import open_source
 from cmerge.merger import Merger
 from cmerge.errors import CmergeError
 from cmerge.evaluation.orders import check_orders, shuffled_orders

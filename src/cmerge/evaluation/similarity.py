@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from cmerge.checkpoint import TensorSource, open_source
+from cmerge.io import TensorSource, open_source
 from cmerge.errors import CmergeError
 
 CHUNK_ELEMENTS = 1 << 22

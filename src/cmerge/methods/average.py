@@ -5,30 +5,17 @@ Stored as M_t = θ_SWA^(t) − θ0, so M_t = M_{t−1} + (τ_t − M_{t−1}) / 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch
 
-from .base import Method, TensorStep, TensorUpdate
+from .base import DeltaMethod, TensorStep, TensorUpdate
 
 
-class Average(Method):
+class Average(DeltaMethod):
     name = "average"
     summary = "Running mean of the experts (SWA), Eq. 32."
-    accumulators = ("M",)
-
-    def elementwise(self, projected: bool) -> bool:
-        return True  # element by element
 
     def rule(self, s: TensorStep) -> TensorUpdate:
         if s.t == 1:
             return TensorUpdate({"M": s.tau})
         m = s.acc["M"]
         return TensorUpdate({"M": torch.sub(s.tau, m).div_(s.t).add_(m)})  # m + (τ − m) / t
-
-    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
-        return base + acc["M"]
-
-    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
-                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {"M": merged - base}

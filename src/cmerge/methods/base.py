@@ -1,6 +1,6 @@
 """What a continual merging method is: declared parameters, a per-tensor rule, a finalize.
 
-Every method in cmerge is "a per-tensor rule plus a few global numbers" (DESIGN.md):
+Every method in cmerge is "a per-tensor rule plus a few global numbers" (docs/architecture.md):
 
     new_accumulators[name] = rule(base[name], accumulators[name], incoming[name])
     scalars = finalize(scalars, sums gathered while streaming, t)
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -79,22 +79,34 @@ class Param:
         return f"≤ {self.maximum:g}" if self.maximum is not None else "any number"
 
 
-@dataclass
 class TensorStep:
-    """What the rule sees for one tensor at step ``t`` (1-based), in the compute dtype."""
+    """What the rule sees for one tensor (or one block of its rows) at step ``t`` (1-based), in the compute dtype.
 
-    name: str
-    t: int
-    base: torch.Tensor
-    tau: torch.Tensor                       # task vector θ_t − θ0 of this tensor
-    acc: Mapping[str, torch.Tensor]         # this method's accumulators after step t−1 (empty at t = 1)
-    scalars: Mapping[str, Any]              # global numbers after step t−1
-    projected: bool                         # a linear-layer weight (see layers.py)
-    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # e.g. second moments
-    extra_meta: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # their files' metadata
-    # True: ``tau`` is a fresh tensor that nothing reads after the rule, so the rule may
-    # overwrite it (the engine's steps); False: every tensor of the step is read-only.
-    tau_owned: bool = False
+    ``base`` is the base tensor θ0 of this tensor; given as ``load_base`` (a function), it is
+    read and converted only if the rule asks for it (most rules need only τ).
+    ``tau_owned``: ``tau`` is a fresh tensor that nothing reads after the rule, so the rule
+    may overwrite it (the engine's steps); False: every tensor of the step is read-only.
+    """
+
+    def __init__(self, name: str, t: int, tau: torch.Tensor, acc: Mapping[str, torch.Tensor],
+                 scalars: Mapping[str, Any], projected: bool, base: torch.Tensor | None = None, *,
+                 load_base: Callable[[], torch.Tensor] | None = None,
+                 extra: Mapping[str, torch.Tensor] | None = None,
+                 extra_meta: Mapping[str, Mapping[str, str]] | None = None, tau_owned: bool = False) -> None:
+        if base is None and load_base is None:
+            raise ValueError("a TensorStep needs its base tensor or a function that loads it")
+        self.name, self.t, self.tau, self.acc, self.scalars = name, t, tau, acc, scalars
+        self.projected = projected              # a linear-layer weight (see layers.py)
+        self.extra = extra or {}                # e.g. second moments
+        self.extra_meta = extra_meta or {}      # their files' metadata
+        self.tau_owned = tau_owned
+        self._base, self._load_base = base, load_base
+
+    @property
+    def base(self) -> torch.Tensor:
+        if self._base is None:
+            self._base = self._load_base()  # type: ignore[misc]
+        return self._base
 
 
 @dataclass
@@ -116,9 +128,6 @@ class Method:
     # per-tensor inputs besides the model, e.g. {"fisher": "exp_avg_sq.safetensors"}: the key names the
     # input (CLI flag --<key>), the value is the file looked for beside a model folder when none is given
     extra_inputs: ClassVar[Mapping[str, str]] = {}
-    # :meth:`merged` acts element by element (true of every θ0 + f(accumulators) so far), so
-    # an export may stream a large tensor through it in blocks of rows
-    merged_by_rows: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         self.p = {**{p.name: p.default for p in self.params}, **self.parse_params(params)}
@@ -145,9 +154,10 @@ class Method:
         """Whether :meth:`rule` acts element by element on a tensor of this kind (``projected``:
         a linear-layer weight), with sums that add up over elements.
 
-        The engine may then stream a large tensor through the rule in blocks of rows, so a
-        step never holds a large tensor whole. The default, False, always gives the rule
-        whole tensors (needed by e.g. an SVD or a per-tensor magnitude threshold).
+        This is the one switch of row-block streaming: the engine then takes a large tensor
+        through the rule in blocks of rows, so a step never holds it whole. The default,
+        False, always gives the rule whole tensors (needed by e.g. an SVD or a per-tensor
+        magnitude threshold). :meth:`merged` must always be element-wise (exports stream).
         """
         return False
 
@@ -161,7 +171,7 @@ class Method:
         return dict(scalars)
 
     def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
-        """θ_merged for one tensor from the base tensor and the accumulators."""
+        """θ_merged for one tensor (or block of rows) from the base tensor and the accumulators, element by element."""
         raise NotImplementedError  # pragma: no cover
 
     def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
@@ -178,6 +188,34 @@ class Method:
     def step_summary(self, scalars: Mapping[str, Any]) -> dict[str, Any]:
         """Numbers worth showing in the step log (e.g. λ_t)."""
         return {}
+
+
+class DeltaMethod(Method):
+    """A method whose one accumulator is the merged task vector, M = θ_merged − θ0 (scaled by ``merged_scale``).
+
+    Average, task arithmetic, TIES, EMA and MagMax are all this shape; only their rules
+    differ. ``merged_scale``: θ_merged = θ0 + scale·M (MagMax keeps τ_max and scales it).
+    """
+
+    accumulators: ClassVar[tuple[str, ...]] = ("M",)
+
+    def elementwise(self, projected: bool) -> bool:
+        return True  # element by element, unless a subclass says otherwise
+
+    def merged_scale(self) -> float:
+        return 1.0
+
+    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
+        scale = self.merged_scale()
+        return base + acc["M"] if scale == 1.0 else base + scale * acc["M"]
+
+    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
+                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        scale = self.merged_scale()
+        if scale == 0:
+            raise CmergeError(f"{self.name} with scale 0 always returns the base model, so it cannot take a corrected "
+                              f"merged model.")
+        return {"M": merged - base if scale == 1.0 else (merged - base) / scale}
 
 
 def sq_norm(x: torch.Tensor, chunk: int = 1 << 22) -> float:

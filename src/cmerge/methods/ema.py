@@ -11,32 +11,17 @@ M_t = θ̄_t − θ0, so M_t = M_{t−1} + α_t (τ_t − M_{t−1}). ``alpha_sc
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-import torch
-
-from .base import Method, TensorStep, TensorUpdate
+from .base import DeltaMethod, TensorStep, TensorUpdate
 from .fisher_merge import ALPHA_PARAMS, alpha_at
 
 
-class EMA(Method):
+class EMA(DeltaMethod):
     name = "ema"
     summary = "Plain interpolation θ̄_t = (1−α) θ̄_{t−1} + α θ_t: fisher_merge without the Fisher weights."
     params = ALPHA_PARAMS
-    accumulators = ("M",)
-
-    def elementwise(self, projected: bool) -> bool:
-        return True  # element by element
 
     def rule(self, s: TensorStep) -> TensorUpdate:
         if s.t == 1:
             return TensorUpdate({"M": s.tau})
         m = s.acc["M"]
         return TensorUpdate({"M": m + alpha_at(self.p, s.t) * (s.tau - m)})
-
-    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
-        return base + acc["M"]
-
-    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
-                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {"M": merged - base}

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CmergeError
-from .base import Method, Param, TensorStep, TensorUpdate
+from .base import DeltaMethod, Param, TensorStep, TensorUpdate
 
 
 #: α and its schedule, shared with ``ema`` (this rule with all Fisher values equal).
@@ -52,7 +52,7 @@ def adam_bias_correction(meta: Mapping[str, str]) -> float:
     return 1.0 - beta2 ** step
 
 
-class FisherMerge(Method):
+class FisherMerge(DeltaMethod):
     name = "fisher_merge"
     summary = "Element-wise Fisher-weighted interpolation with AdamW second moments (holistic CMM, Sec. 'during merging')."
     params = ALPHA_PARAMS + (
@@ -63,9 +63,6 @@ class FisherMerge(Method):
     )
     accumulators = ("M", "F")
     extra_inputs = {"fisher": "exp_avg_sq.safetensors"}
-
-    def elementwise(self, projected: bool) -> bool:
-        return True  # element by element
 
     def rule(self, s: TensorStep) -> TensorUpdate:
         f_new = s.extra["fisher"]
@@ -79,9 +76,6 @@ class FisherMerge(Method):
         m, f_bar = s.acc["M"], s.acc["F"]
         omega = fisher_weight(f_new, f_bar, a, self.p["eps"])
         return TensorUpdate({"M": m + omega * (s.tau - m), "F": (1 - a) * f_bar + a * f_new})
-
-    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
-        return base + acc["M"]
 
     def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
                 scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -5,29 +5,14 @@ The paper picks λ from {0.1, …, 1.0}: 0.3 for 8 tasks, 0.1 for 14 and 20.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-import torch
-
-from .base import Method, Param, TensorStep, TensorUpdate
+from .base import DeltaMethod, Param, TensorStep, TensorUpdate
 
 
-class TaskArithmetic(Method):
+class TaskArithmetic(DeltaMethod):
     name = "task_arithmetic"
     summary = "Add λ·τ_t to the merged model at every step (Eq. 35)."
     params = (Param("lam", float, 0.3, "scaling factor λ of every task vector (paper: 0.3 for 8 tasks, 0.1 for 14/20)."),)
-    accumulators = ("M",)
-
-    def elementwise(self, projected: bool) -> bool:
-        return True  # element by element
 
     def rule(self, s: TensorStep) -> TensorUpdate:
         step = self.p["lam"] * s.tau
         return TensorUpdate({"M": step if s.t == 1 else step.add_(s.acc["M"])})  # M_{t−1} + λ τ_t
-
-    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
-        return base + acc["M"]
-
-    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
-                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {"M": merged - base}

@@ -16,11 +16,11 @@ what makes the method streamable; the reference code trims over the whole flatte
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
-from .base import Method, Param, TensorStep, TensorUpdate
+from .base import DeltaMethod, Param, TensorStep, TensorUpdate
 
 
 def trim_top_magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -55,7 +55,7 @@ def ties(vectors: Sequence[torch.Tensor], density: float) -> torch.Tensor:
     return disjoint_sum(trimmed, elect_sign(trimmed))
 
 
-class Ties(Method):
+class Ties(DeltaMethod):
     name = "ties"
     summary = "Continual TIES-merging of the merged task vector and the new one (Eq. 38)."
     params = (
@@ -65,7 +65,9 @@ class Ties(Method):
         Param("variant", str, "paper", "'paper': M_t = λ·TIES(M_{t−1}, τ_t) (Eq. 38); 'reference': the public code's "
               "M_t = M_{t−1} + λ·TIES(M_{t−1}, τ_t).", ("paper", "reference")),
     )
-    accumulators = ("M",)
+
+    def elementwise(self, projected: bool) -> bool:
+        return False  # the trim keeps each tensor's top magnitudes: it needs the whole tensor
 
     def rule(self, s: TensorStep) -> TensorUpdate:
         lam = self.p["lam"]
@@ -74,10 +76,3 @@ class Ties(Method):
         prev = s.acc["M"]
         merged = lam * ties([prev, s.tau], self.p["density"])
         return TensorUpdate({"M": merged if self.p["variant"] == "paper" else prev + merged})
-
-    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
-        return base + acc["M"]
-
-    def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
-                scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {"M": merged - base}

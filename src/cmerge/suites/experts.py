@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cmerge.checkpoint import content_hash, copy_aux_files, open_source
+from cmerge.io import content_hash, copy_aux_files, open_source
 from cmerge.suites.backbone import WEIGHTS_FILE, base_fingerprint, load_weights
 from cmerge.suites.finetune import FinetuneRecipe, finetune
 from cmerge.suites.heads import zero_shot_head
