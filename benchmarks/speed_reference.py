@@ -115,7 +115,7 @@ def cmd_approach(a: argparse.Namespace) -> dict:
 
 
 def _acc(path: str):
-    from cmerge.engine import accumulator_key
+    from cmerge.state import accumulator_key
 
     h = safe_open(path, framework="pt", device="cpu")
     return lambda name: h.get_tensor(accumulator_key("S", name))

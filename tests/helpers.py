@@ -342,9 +342,12 @@ KILL_POINTS = ("mid_write", "after_gen_rename", "before_manifest_switch", "after
 def cli_child(args: list[str], kill_at: str | None = None) -> None:
     """Run ``cmerge ARGS`` in this process (a child), SIGKILLing itself at ``kill_at`` if given.
 
-    Kill points: half-way through writing the accumulators; right after the new generation
-    folder is renamed into place; with the new manifest written but not yet switched; right
-    after the manifest switch (before the old generation is removed).
+    Kill points: half-way through writing the accumulators (or an exported model); right
+    after the new generation folder is renamed into place; with the new manifest written
+    but not yet switched; right after the manifest switch (before the old generation is
+    removed); ``mid_read``: half-way through reading a model's tensors (init hashing the
+    base); ``before_replace:NAME`` / ``after_replace:NAME``: around the rename that puts
+    NAME into place (an init's state folder, an export's output folder).
     """
     import signal
     import threading
@@ -370,6 +373,31 @@ def cli_child(args: list[str], kill_at: str | None = None) -> None:
                 die()
 
         StreamingSafetensorsWriter.write = write
+    elif kill_at == "mid_read":
+        from cmerge.io import TensorSource
+
+        real_get = TensorSource.get
+        reads = {"n": 0}
+
+        def get(self, name, rows=None):
+            reads["n"] += 1
+            if reads["n"] == max(1, len(self) // 2):
+                die()
+            return real_get(self, name, rows)
+
+        TensorSource.get = get
+    elif kill_at is not None and kill_at.split(":")[0] in ("before_replace", "after_replace"):
+        where, target = kill_at.split(":", 1)
+        real = os.replace
+
+        def replace_at(src, dst):
+            if where == "before_replace" and Path(dst).name == target:
+                die()
+            real(src, dst)
+            if where == "after_replace" and Path(dst).name == target:
+                die()
+
+        os.replace = replace_at
     elif kill_at is not None:
         real_replace = os.replace
 

@@ -204,3 +204,51 @@ def test_kill_during_export(setup, ctx, cli):
     assert not out.with_name(out.name + ".partial").exists()
     a, b = helpers.load_safetensors_dir(out), helpers.load_safetensors_dir(setup["root"] / "reference-export")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in b)
+
+
+@pytest.mark.parametrize("kill_at", ["mid_write", "before_replace:killed-export", "after_replace:killed-export"])
+def test_export_killed_at_every_phase(setup, ctx, cli, kill_at):
+    """An export killed anywhere leaves the state untouched and OUT absent or complete; exporting again works."""
+    out = setup["root"] / "killed-export"
+    shutil.rmtree(out, ignore_errors=True)
+    before = helpers.snapshot(setup["ref"])
+    p = run_child(ctx, ["export", setup["ref"], out, "-q"], kill_at=kill_at)
+    p.join()
+    assert p.exitcode == -signal.SIGKILL
+    assert helpers.snapshot(setup["ref"]) == before
+    want = helpers.load_safetensors_dir(setup["root"] / "reference-export")
+    if kill_at.startswith("after_replace"):
+        got = helpers.load_safetensors_dir(out)  # the rename was the commit: the model is whole
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+        helpers.assert_one_sentence_error(cli("export", setup["ref"], out, "-q"), "already exists")
+        return
+    assert not out.exists()
+    assert cli("export", setup["ref"], out, "-q").exit_code == 0
+    assert not out.with_name(out.name + ".partial").exists()
+    got = helpers.load_safetensors_dir(out)
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("kill_at", ["mid_read", "before_replace:killed-init", "after_replace:killed-init"])
+def test_init_killed_at_every_phase(setup, ctx, cli, kill_at):
+    """An init killed anywhere leaves no state or a whole one; the same init then works (or is refused
+    because the state exists), and the state is the one an uninterrupted init makes."""
+    state = setup["root"] / "killed-init"
+    shutil.rmtree(state, ignore_errors=True)
+    p = run_child(ctx, ["init", state, "--base", setup["paths"]["base"], "-q"], kill_at=kill_at)
+    p.join()
+    assert p.exitcode == -signal.SIGKILL
+    if kill_at.startswith("after_replace"):
+        assert cli("info", state).exit_code == 0
+        helpers.assert_one_sentence_error(cli("init", state, "--base", setup["paths"]["base"], "-q"),
+                                          "already exists")
+    else:
+        assert not state.exists()
+        assert cli("init", state, "--base", setup["paths"]["base"], "-q").exit_code == 0
+        assert not state.with_name(state.name + ".partial").exists()
+    got = json.loads((state / "manifest.json").read_text())
+    want = json.loads((setup["template"] / "manifest.json").read_text())
+    for key in ("method", "params", "precision", "scalars"):
+        assert got[key] == (want[key] if key != "scalars" else {"lambda": None, "norm_sum": 0.0, "mean_norm": None})
+    assert got["base"]["sha256"] == want["base"]["sha256"] and got["base"]["tensors"] == want["base"]["tensors"]
+    assert cli("add", state, setup["paths"]["m0"], "-q").exit_code == 0

@@ -230,9 +230,9 @@ def test_unbuildable_architecture_says_why(tmp_path, caplog):
     assert len(c.notes) == 1 and c.notes[0].startswith("linear weights were found by the name rule, because "
                                                        "transformers could not build the architecture of")
     assert str(tmp_path / "config.json") in c.notes[0]
-    (tmp_path / "config.json").write_text("{not json")
-    c = classify(metas_of(tmp_path), tmp_path)
-    assert "is not readable JSON" in c.notes[0]
+    (tmp_path / "config.json").write_text("{not json")  # a broken folder: refused, not guessed at
+    with pytest.raises(CmergeError, match="config.json is not readable JSON"):
+        classify(metas_of(tmp_path), tmp_path)
 
 
 # ---------------------------------------------------------------- end to end, through the CLI

@@ -138,8 +138,8 @@ def _build_architecture(folder: Path) -> tuple[_Architecture | None, str | None]
         return None, "transformers is not installed"
     try:
         cfg_json = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        return None, f"{cfg_path} is not readable JSON ({exc})"
+    except (OSError, ValueError) as exc:  # a broken model folder, not a missing architecture: refuse
+        raise CmergeError(f"{cfg_path} is not readable JSON ({exc}); fix or remove it.") from None
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         arch = ((cfg_json.get("architectures") or [None]) if isinstance(cfg_json, dict) else [None])[0]

@@ -1,6 +1,6 @@
 """The OPCM projection kernel: exact, thin-SVD form of the paper's Eq. 9.
 
-Notation (REFERENCE_NOTES §1, OPCM paper Eq. 6-10): D is the merged task vector of
+Notation (docs/methods.md, OPCM paper Eq. 6-10): D is the merged task vector of
 one linear-layer weight (m × n), X the incoming task vector, D = U diag(s) Vᵀ its
 reduced SVD, r = min(m, n), and k the protected rank (see `protected_rank`). The
 reference projection keeps the coefficients C = UᵀXV except the top-left k × k block
@@ -87,7 +87,7 @@ def opcm_project(
     is done on that device in float64; the result comes back in the input dtype.
     Returns ``(P(X), k)`` with k from `protected_rank`.
 
-    Variants (REFERENCE_NOTES §1):
+    Variants (docs/methods.md):
 
     - default (the reference since March 2025, Theorem 5.1): zero the k × k block
       of C = UᵀXV and its whole diagonal, keep the cross blocks.

@@ -86,10 +86,13 @@ class AccumulatorFile:
 def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "opcm", *,
                precision: str = "float32", project: Sequence[str] = (), no_project: Sequence[str] = (),
                strict_layers: bool = False, progress: bool = False, **params: Any) -> "State":
-    """Create a merge state at ``path`` for ``base`` and a registered method (nothing merged yet)."""
+    """Create a merge state at ``path`` for ``base`` and a registered method (nothing merged yet).
+
+    The state is written in ``PATH.partial/`` and renamed into place: a killed `init` leaves
+    no state (and the next `init` removes its leftovers), never half of one.
+    """
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CmergeError(f"{path} already exists and is not empty; choose a new folder for the merge state.")
+    _check_new_state(path)
     if not isinstance(base, (str, os.PathLike)):
         raise CmergeError("an on-disk merge state needs the base model as a path; use cmerge.Merger for in-memory models.")
     m = get_method(method, **params)
@@ -117,9 +120,24 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
         tensors={n: TensorRecord(list(metas[n].shape), dtype_name(metas[n].dtype), cls.kinds[n], cls.routes[n])
                  for n in sorted(metas)})
     manifest = Manifest(method=m.name, params=m.p, precision=precision, base=base_record, scalars=m.initial_scalars())
-    path.mkdir(parents=True, exist_ok=True)
-    manifest.save(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path.parent / f".{path.name}.cmerge-lock", f"another cmerge init is creating {path}; wait for it."):
+        _check_new_state(path)
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed init
+        tmp.mkdir()
+        (tmp / LOCK).touch()  # part of the state from the start: a refused first `add` then changes no file
+        manifest.save(tmp)
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     return State(path)
+
+
+def _check_new_state(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CmergeError(f"{path} already exists and is not empty; choose a new folder for the merge state.")
 
 
 def classify_model(model: str | os.PathLike, project: Sequence[str] = (), no_project: Sequence[str] = (), *,

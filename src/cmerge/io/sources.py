@@ -130,7 +130,7 @@ class SafetensorsSource(TensorSource):
             except CmergeError:
                 raise
             except Exception as exc:
-                raise CmergeError(f"could not read {f}: not a valid safetensors file ({_first_line(exc)}).") from exc
+                raise CmergeError(f"could not read {f}: not a valid safetensors file ({_safetensors_reason(exc)}).") from exc
             for n, (begin, end) in offsets.items():
                 self._where[n] = (f, start + begin, end - begin)
             self._fds[f] = os.open(str(f), os.O_RDONLY)
@@ -272,6 +272,12 @@ def torch_load(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _safetensors_reason(exc: BaseException) -> str:
+    """The safetensors library's own reason, without its prefix and its list of every dtype it knows."""
+    text = _first_line(exc).removeprefix("Error while deserializing header: ")
+    return text.split(", expected one of")[0]
+
+
 def _first_line(exc: BaseException) -> str:
     return ((str(exc).strip().splitlines() or [type(exc).__name__])[0]).rstrip(".")
 
@@ -298,6 +304,9 @@ def _open_path(path: Path, desc: str, mapped: bool) -> TensorSource:
     except OSError as exc:  # e.g. a symbolic link loop
         raise CmergeError(f"cannot open {path} ({_first_line(exc)}).") from None
     if not exists:
+        if path.is_symlink():
+            raise CmergeError(f"{path} is a symbolic link that leads nowhere (a loop of symbolic links, or a "
+                              f"missing target).")
         raise CmergeError(f"{path} does not exist.")
     safetensors: Callable[..., TensorSource] = lambda files, folder=None, weight_map=None: SafetensorsSource(
         files, desc, folder, mapped=mapped, weight_map=weight_map)
