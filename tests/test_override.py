@@ -73,6 +73,18 @@ def continue_reference(method, p, scalars, theta, base, incoming, fishers, norms
         s3 = {n: lam2 * d[n] + proj[n] for n in b}
         lam3 = helpers.global_norm(s3) / (sum(norms) / 3)
         return {n: b[n] + s3[n] / lam3 for n in b}
+    if method == "dop":  # the adam solver's step from the corrected merged task vector; averages elsewhere
+        from cmerge.methods.dop import solve_adam
+
+        return {n: b[n] + (solve_adam(theta[n] - b[n], tau[n])[0] if n in helpers.TINY_PROJECTED
+                           else (theta[n] - b[n] + tau[n]) / 2) for n in b}
+    if method == "nufilt":  # the filter + adapter from the corrected merged update; other tensors stay
+        from cmerge.methods.nufilt import adapter_init, nufilt_update
+
+        def filtered(n):
+            a0 = adapter_init(p["init_seed"], 3, n, p["lora_rank"], tau[n].shape[1], p["init_std"])
+            return nufilt_update(theta[n] - b[n], tau[n], a0)[0]
+        return {n: b[n] + filtered(n) if n in helpers.TINY_PROJECTED else theta[n] for n in b}
     raise AssertionError(f"no reference for {method}; add one")
 
 

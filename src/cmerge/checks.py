@@ -1,6 +1,8 @@
 """Checks on what a step is given, shared by the on-disk state and the in-memory Merger."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import CmergeError
@@ -18,6 +20,22 @@ def precision_dtype(precision: str) -> torch.dtype:
         return PRECISIONS[precision]
     except (KeyError, TypeError):
         raise CmergeError(f"precision must be float32 or float64, got {precision!r}.") from None
+
+
+def norm64(t: torch.Tensor) -> float:
+    """‖t‖ in float64, scaled so that it does not overflow where the squares would (|x| > 1e154)."""
+    x = t.detach().double().reshape(-1)
+    if x.numel() == 0:
+        return 0.0
+    big = float(x.abs().max())
+    if big == 0.0 or not math.isfinite(big):
+        return big
+    return big * float(torch.linalg.vector_norm(x / big))
+
+
+def global_norm(norms: list[float]) -> float:
+    """‖(n_1, n_2, …)‖ of per-tensor norms, without overflow (math.hypot scales)."""
+    return math.hypot(*norms) if norms else 0.0
 
 
 def check_task_vector(norm: float, base_norm: float | None, description: str, allow_empty: bool) -> None:

@@ -6,14 +6,13 @@ models in order and returns the merged state dict.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .checks import check_task_vector, precision_dtype
+from .checks import check_task_vector, global_norm, norm64, precision_dtype
 from .engine import Plan, StepOptions, check_compatible, iter_merged, resolve_device, resolve_extras, run_step
 from .errors import CmergeError
 from .export import export_merged
@@ -84,8 +83,7 @@ class Merger:
     def base_norm(self) -> float:
         """‖θ0‖ over every floating tensor (read once, for the empty-task-vector check)."""
         if self._base_norm is None:
-            sq = sum(float(torch.sum(self.base.get(n).double() ** 2)) for n in self.plan.merged_names())
-            self._base_norm = math.sqrt(sq)
+            self._base_norm = global_norm([norm64(self.base.get(n)) for n in self.plan.merged_names()])
         return self._base_norm
 
     def add(self, model: Any, name: str | None = None, *, extras: Mapping[str, Any] | None = None,

@@ -14,7 +14,6 @@ leftovers of an interrupted step are removed by the next ``add``, which redoes t
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -33,7 +32,7 @@ from .io import (DEFAULT_SHARD_SIZE, HashingSource, SafetensorsSource, Streaming
 from .layers import Classification, classify
 from .manifest import MANIFEST, BaseRecord, Manifest, StepRecord, TensorRecord, file_fingerprints
 from .methods import Method, get_method
-from .checks import check_task_vector, precision_dtype
+from .checks import check_task_vector, global_norm, norm64, precision_dtype
 
 LOCK = ".lock"
 ACCUMULATORS = "accumulators.safetensors"
@@ -101,7 +100,7 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
     src = open_source(base_path)
     metas = {n: src.meta(n) for n in src.keys()}
     cls = classify(metas, src.folder, project, no_project, strict=strict_layers)
-    digests, sq = {}, 0.0
+    digests, norms = {}, []
     for n in tqdm(src.keys(), desc="reading base", unit="tensor", disable=not progress, leave=False):
         t = src.get(n)
         if t.dtype.is_floating_point:
@@ -110,13 +109,11 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
             if not bool(torch.isfinite(t.to(compute)).all()):
                 raise CmergeError(f"the base model's tensor {n!r} has values too large for {precision}, the merge "
                                   f"state's precision (|x| up to {float(t.abs().max()):.3g}).")
-            sq += float(torch.sum(t.double() ** 2))
+            norms.append(norm64(t))
         digests[n] = tensor_digest(n, t)
-    if not math.isfinite(sq):
-        raise CmergeError("the base model's norm overflows float64; its values are too large to merge.")
     base_record = BaseRecord(
         path=str(base_path), sha256=combine_digests(digests), classified_by=cls.how, architecture=cls.architecture,
-        norm=math.sqrt(sq), files=file_fingerprints(src.files),
+        norm=global_norm(norms), files=file_fingerprints(src.files),
         tensors={n: TensorRecord(list(metas[n].shape), dtype_name(metas[n].dtype), cls.kinds[n], cls.routes[n])
                  for n in sorted(metas)})
     manifest = Manifest(method=m.name, params=m.p, precision=precision, base=base_record, scalars=m.initial_scalars())

@@ -6,15 +6,17 @@ from typing import Any
 from ..errors import CmergeError
 from .average import Average
 from .base import Method, Param, TensorStep, TensorUpdate
+from .dop import DOP
 from .ema import EMA
 from .fisher_merge import FisherMerge
 from .magmax import MagMax
+from .nufilt import NUFILT
 from .opcm import OPCM
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (OPCM, Average, TaskArithmetic, Ties, MagMax, FisherMerge, EMA)}
+    cls.name: cls for cls in (OPCM, Average, TaskArithmetic, Ties, MagMax, FisherMerge, EMA, DOP, NUFILT)}
 
 
 def register(cls: type[Method]) -> type[Method]:
