@@ -249,21 +249,36 @@ def ref_average(base, models) -> list[dict]:
     return out
 
 
-def _trim(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ⌈density·numel⌉ largest-magnitude entries of one tensor (no ties in random data)."""
+def _trim(x: torch.Tensor, density: float, variant: str = "paper") -> torch.Tensor:
+    """Keep the largest-magnitude entries of one tensor: ⌈density·numel⌉ of them (decimal density, e.g.
+    0.07 · 100 = 7), or for the public code's variant ⌊density·numel⌋ + 1 and every entry tied with the
+    last one kept."""
+    from fractions import Fraction
+
     flat = x.reshape(-1)
-    keep = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
-    order = sorted(range(flat.numel()), key=lambda i: -abs(float(flat[i])))
+    n = flat.numel()
+    if variant == "paper":
+        keep = math.ceil(Fraction(repr(float(density))) * n)
+    else:
+        keep = int(density * n) + 1
+    keep = min(n, max(1, keep))
+    order = sorted(range(n), key=lambda i: -abs(float(flat[i])))
     out = torch.zeros_like(flat)
-    for i in order[:keep]:
-        out[i] = flat[i]
+    last = abs(float(flat[order[keep - 1]]))
+    for rank, i in enumerate(order):
+        if rank < keep or (variant != "paper" and abs(float(flat[i])) == last):
+            out[i] = flat[i]
     return out.reshape(x.shape)
 
 
-def ref_ties_pair(a: torch.Tensor, b: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES on two vectors: trim each, elect sign = sign of the sum, add the agreeing entries."""
-    ta, tb = _trim(a, density), _trim(b, density)
+def ref_ties_pair(a: torch.Tensor, b: torch.Tensor, density: float, variant: str = "paper") -> torch.Tensor:
+    """TIES on two vectors: trim each, elect sign = sign of the sum, add the agreeing entries; the public
+    code's variant gives an entry whose sum is exactly 0 the sign of the total (+ if that is 0)."""
+    ta, tb = _trim(a, density, variant), _trim(b, density, variant)
     sign = torch.sign(ta + tb)
+    if variant != "paper":
+        majority = 1.0 if float((ta + tb).sum()) >= 0 else -1.0
+        sign = torch.where(sign == 0, torch.full_like(sign, majority), sign)
     out = torch.zeros_like(ta)
     for v in (ta, tb):
         agree = (torch.sign(v) == sign) & (v != 0)
@@ -280,7 +295,7 @@ def ref_ties(base, models, density=0.2, lam=0.3, variant="paper") -> list[dict]:
         if t == 1:
             m_new = {n: lam * tau[n] for n in b}
         else:
-            tied = {n: lam * ref_ties_pair(m_prev[n], tau[n], density) for n in b}
+            tied = {n: lam * ref_ties_pair(m_prev[n], tau[n], density, variant) for n in b}
             m_new = tied if variant == "paper" else {n: m_prev[n] + tied[n] for n in b}
         m_prev = m_new
         out.append({n: b[n] + m_new[n] for n in b})

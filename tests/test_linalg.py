@@ -344,3 +344,21 @@ def test_inputs_are_not_modified(dtype, variant):
     opcm_project(delta, x, 0.5, **variant)
     opcm_project(delta.T, x.T, 0.5, **variant)
     assert torch.equal(delta, d0) and torch.equal(x, x0)
+
+
+def test_alpha_one_protects_nothing_even_where_float32_overshoots():
+    """The reference compares the cumulative mass in the tensor's dtype without clamping its last value, so
+    in float32 it can exceed 1 and α = 1.0 then gives k = r − 1 (about one spectrum in five). cmerge sums in
+    float64 and sets the last share to exactly 1: α = 1.0 protects nothing, always."""
+    overshoots = 0
+    for seed in range(200):
+        s = torch.linalg.svdvals(torch.randn(32, 32, generator=torch.Generator().manual_seed(seed)))
+        c32 = torch.cumsum(s, 0) / s.sum()  # float32, as the reference does
+        ref_k = int((c32 > 1.0).to(torch.int64).argmax())
+        if ref_k:
+            overshoots += 1
+            assert ref_k == s.numel() - 1
+        assert protected_rank(s, 1.0) == 0
+        ref_half = int((c32 > 0.5).to(torch.int64).argmax())
+        assert protected_rank(s, 0.5) == ref_half  # away from the end the two agree
+    assert overshoots > 10  # the case this test is about does occur

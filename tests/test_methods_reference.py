@@ -212,3 +212,36 @@ def test_modules_and_state_dicts_give_the_same_result():
     want = helpers.ref_opcm(sds[0], sds[1:], ("0.weight", "2.weight"))[-1]["merged"]
     assert helpers.max_rel_err(a, want) < 1e-4
     assert not math.isnan(float(a["0.weight"].sum()))
+
+
+# ---------------------------------------------------------------- TIES: how many entries a trim keeps
+
+@pytest.mark.parametrize("density,n,paper,reference", [
+    (0.2, 10, 2, 3), (0.2, 100, 20, 21), (0.2, 5, 1, 2),   # density·n an integer: the two rules differ by one
+    (0.07, 100, 7, 8),       # the float product is 7.000000000000001: the paper rule still keeps 7
+    (0.29, 100, 29, 29),     # the reference truncates 28.999999999999996 to 28, then adds one
+    (0.25, 7, 2, 2), (1.0, 9, 9, 9), (1e-9, 50, 1, 1),
+])
+def test_ties_trim_counts_at_the_boundaries(density, n, paper, reference):
+    from cmerge.methods.ties import kept_count, trim_top_magnitude
+
+    assert kept_count(density, n, "paper") == paper
+    assert kept_count(density, n, "reference") == reference
+    x = torch.randperm(n, generator=torch.Generator().manual_seed(n)).double() + 1  # distinct magnitudes
+    for rule, want in (("paper", paper), ("reference", reference)):
+        kept = trim_top_magnitude(x, density, rule)
+        assert int(torch.count_nonzero(kept)) == want
+        assert torch.equal(kept, helpers._trim(x, density, rule))
+    ties_ = torch.tensor([5.0, 3.0, 3.0, 3.0, 1.0])  # the reference also keeps entries tied with the last kept
+    assert int(torch.count_nonzero(trim_top_magnitude(ties_, 0.2, "reference"))) == 4
+    assert int(torch.count_nonzero(trim_top_magnitude(ties_, 0.2, "paper"))) == 1
+
+
+def test_ties_zero_sum_entries():
+    """An entry whose two trimmed values cancel exactly: dropped (paper), or the majority sign (reference)."""
+    from cmerge.methods.ties import ties
+
+    a, b = torch.tensor([2.0, 1.0, -1.0]), torch.tensor([-2.0, 1.0, 0.5])
+    assert torch.equal(ties([a, b], 1.0, "paper"), torch.tensor([0.0, 2.0, -1.0]))
+    # total of the trimmed values is +1.5: the cancelled entry takes +, keeping a's +2
+    assert torch.equal(ties([a, b], 1.0, "reference"), torch.tensor([2.0, 2.0, -1.0]))

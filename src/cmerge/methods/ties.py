@@ -8,7 +8,10 @@ the sum of the trimmed values, and add up the trimmed entries that agree with it
     M_1 = λ τ_1,   M_t = λ · TIES(M_{t−1}, τ_t)
 
 Variant ``reference`` follows the public code, which adds the result to the previous
-merged model instead: M_t = M_{t−1} + λ · TIES(M_{t−1}, τ_t), counting M_{t−1} twice.
+merged model instead: M_t = M_{t−1} + λ · TIES(M_{t−1}, τ_t), counting M_{t−1} twice; it
+also keeps the public code's count (⌊density · n⌋ + 1 entries, and every entry tied with
+the smallest kept magnitude) and gives an entry whose trimmed values sum to exactly 0 the
+majority sign, where the paper variant keeps ⌈density · n⌉ and drops such entries.
 
 Trimming is per tensor (the top ``density`` fraction of each tensor's entries), which is
 what makes the method streamable; the reference code trims over the whole flattened model.
@@ -16,6 +19,7 @@ what makes the method streamable; the reference code trims over the whole flatte
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Sequence
 
 import torch
@@ -23,22 +27,50 @@ import torch
 from .base import DeltaMethod, Param, TensorStep, TensorUpdate
 
 
-def trim_top_magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ⌈density · numel⌉ entries of largest magnitude, zero the rest."""
+def kept_count(density: float, n: int, rule: str = "paper") -> int:
+    """How many of n entries a trim to ``density`` keeps.
+
+    ``paper``: ⌈density · n⌉, with density read as the decimal it was written as (0.07 · 100
+    keeps 7, where the float product 7.000000000000001 would round up to 8). ``reference``:
+    the public code's ⌊density · n⌋ + 1 (its float product, truncated), the smallest kept
+    magnitude then keeping its ties too. At least 1, at most n.
+    """
+    if rule == "paper":
+        k = math.ceil(Fraction(repr(float(density))) * n)
+    else:
+        k = int(density * n) + 1
+    return min(n, max(1, k))
+
+
+def trim_top_magnitude(x: torch.Tensor, density: float, rule: str = "paper") -> torch.Tensor:
+    """Keep the `kept_count` entries of largest magnitude, zero the rest (``reference``: with ties)."""
     n = x.numel()
-    k = min(n, max(1, math.ceil(density * n)))
+    k = kept_count(density, n, rule)
     if k == n:
         return x.clone()
     flat = x.reshape(-1)
-    idx = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
+    mags = flat.abs()
+    if rule == "paper":
+        idx = torch.topk(mags, k, sorted=False).indices
+        out = torch.zeros_like(flat)
+        out[idx] = flat[idx]
+    else:  # every entry at least as large as the k-th largest magnitude
+        threshold = torch.kthvalue(mags, n - k + 1).values
+        out = torch.where(mags >= threshold, flat, torch.zeros_like(flat))
     return out.reshape(x.shape)
 
 
-def elect_sign(trimmed: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The sign of the sum of the trimmed vectors (TIES' "elect"), entry by entry."""
-    return torch.sign(torch.stack(list(trimmed)).sum(dim=0))
+def elect_sign(trimmed: Sequence[torch.Tensor], majority: bool = False) -> torch.Tensor:
+    """The sign of the sum of the trimmed vectors (TIES' "elect"), entry by entry.
+
+    ``majority``: an entry whose sum is exactly 0 takes the sign of the sum of every entry
+    (+ if that is 0 too), as the public code does; otherwise it has no sign and is dropped.
+    """
+    total = torch.stack(list(trimmed)).sum(dim=0)
+    sign = torch.sign(total)
+    if majority:
+        sign = torch.where(sign == 0, 1.0 if float(total.sum()) >= 0 else -1.0, sign)
+    return sign
 
 
 def disjoint_sum(trimmed: Sequence[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
@@ -49,10 +81,10 @@ def disjoint_sum(trimmed: Sequence[torch.Tensor], sign: torch.Tensor) -> torch.T
     return out
 
 
-def ties(vectors: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+def ties(vectors: Sequence[torch.Tensor], density: float, rule: str = "paper") -> torch.Tensor:
     """TIES-merging of task vectors (trim, elect sign, disjoint sum), without the λ."""
-    trimmed = [trim_top_magnitude(v, density) for v in vectors]
-    return disjoint_sum(trimmed, elect_sign(trimmed))
+    trimmed = [trim_top_magnitude(v, density, rule) for v in vectors]
+    return disjoint_sum(trimmed, elect_sign(trimmed, majority=rule == "reference"))
 
 
 class Ties(DeltaMethod):
@@ -62,8 +94,9 @@ class Ties(DeltaMethod):
         Param("density", float, 0.2, "fraction of entries kept per tensor when trimming (top magnitudes).",
               minimum=0.0, maximum=1.0, exclusive_minimum=True),
         Param("lam", float, 0.3, "scaling factor λ (paper: the same as task arithmetic's)."),
-        Param("variant", str, "paper", "'paper': M_t = λ·TIES(M_{t−1}, τ_t) (Eq. 38); 'reference': the public code's "
-              "M_t = M_{t−1} + λ·TIES(M_{t−1}, τ_t).", ("paper", "reference")),
+        Param("variant", str, "paper", "'paper': M_t = λ·TIES(M_{t−1}, τ_t) (Eq. 38), keeping ⌈density·n⌉ entries; "
+              "'reference': the public code's M_t = M_{t−1} + λ·TIES(M_{t−1}, τ_t), keeping ⌊density·n⌋ + 1 "
+              "entries and ties, zero sums taking the majority sign.", ("paper", "reference")),
     )
 
     def elementwise(self, projected: bool) -> bool:
@@ -74,5 +107,5 @@ class Ties(DeltaMethod):
         if s.t == 1:
             return TensorUpdate({"M": lam * s.tau})
         prev = s.acc["M"]
-        merged = lam * ties([prev, s.tau], self.p["density"])
+        merged = lam * ties([prev, s.tau], self.p["density"], self.p["variant"])
         return TensorUpdate({"M": merged if self.p["variant"] == "paper" else prev + merged})
