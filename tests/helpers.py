@@ -173,6 +173,8 @@ def ref_protected_rank(s: torch.Tensor, alpha: float) -> int:
     """0-based index of the first cumulative singular-value share > alpha (0 if none; last share = 1)."""
     shares = []
     acc, total = 0.0, float(s.sum())
+    if not total > 0:
+        return 0
     for v in s.tolist():
         acc += v
         shares.append(acc / total)
@@ -184,12 +186,17 @@ def ref_protected_rank(s: torch.Tensor, alpha: float) -> int:
 
 
 def ref_project(d: torch.Tensor, x: torch.Tensor, alpha: float, keep_diagonal: bool = False,
-                drop_cross_blocks: bool = False) -> tuple[torch.Tensor, int]:
-    """Eq. 9 with a full SVD: C = UᵀXV, mask the k×k block (and the diagonal), P = U C' Vᵀ."""
+                drop_cross_blocks: bool = False, rank_rule: bool = False) -> tuple[torch.Tensor, int]:
+    """Eq. 9 with a full SVD: C = UᵀXV, mask the k×k block (and the diagonal), P = U C' Vᵀ.
+
+    ``rank_rule``: the rule for a rank-deficient D (docs/methods.md): with R the number of singular
+    values above 1e-10 s_1, k from the mass of those R only, and the diagonal zeroed for i < R only.
+    """
     d, x = d.double(), x.double()
     u, s, vh = torch.linalg.svd(d, full_matrices=True)
     v = vh.T
-    k = ref_protected_rank(s, alpha)
+    rank = int((s > 1e-10 * s.max()).sum()) if rank_rule else min(d.shape)
+    k = ref_protected_rank(s[:rank], alpha)
     c = u.T @ x @ v
     mask = torch.ones_like(c)
     mask[:k, :k] = 0
@@ -197,13 +204,13 @@ def ref_project(d: torch.Tensor, x: torch.Tensor, alpha: float, keep_diagonal: b
         mask[:k, :] = 0
         mask[:, :k] = 0
     if not keep_diagonal:
-        for i in range(min(c.shape)):
+        for i in range(rank):
             mask[i, i] = 0
     return u @ (c * mask) @ v.T, k
 
 
 def ref_opcm(base, models, projected, alpha=0.5, keep_diagonal=False, drop_cross_blocks=False,
-             scaling="adaptive", norm_average="raw") -> list[dict]:
+             scaling="adaptive", norm_average="raw", rank_rule=False) -> list[dict]:
     """Algorithm 1 / Eq. 6-10 on whole models, keeping D = θ_merged − θ0 and λ.
 
     Returns one record per step: merged (θ0 + D), D, lambda, mean_norm, proj (P(τ_t)), tau.
@@ -218,8 +225,8 @@ def ref_opcm(base, models, projected, alpha=0.5, keep_diagonal=False, drop_cross
             proj = dict(tau)
             a = dict(tau)
         else:
-            proj = {n: (ref_project(d[n], tau[n], alpha, keep_diagonal, drop_cross_blocks)[0] if n in projected
-                        else tau[n]) for n in tau}
+            proj = {n: (ref_project(d[n], tau[n], alpha, keep_diagonal, drop_cross_blocks, rank_rule)[0]
+                        if n in projected else tau[n]) for n in tau}
             a = {n: lam * d[n] + proj[n] for n in tau}
         norms.append(global_norm(tau) if norm_average == "raw" else global_norm(proj))
         mean_norm = sum(norms) / t

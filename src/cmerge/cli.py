@@ -233,16 +233,35 @@ def _exported(n: int, out: Path) -> str:
     return f"exported the merge of {n} model{'s' if n != 1 else ''} to {out}"
 
 
+def _lora_rank(value: str | None) -> int | None:
+    if value in (None, "exact"):
+        return None
+    try:
+        rank = int(value)
+    except ValueError:
+        raise CmergeError(f"--as-lora takes a rank (a positive integer) or nothing, got {value!r}.") from None
+    if rank < 1:
+        raise CmergeError(f"--as-lora takes a positive rank, got {rank}.")
+    return rank
+
+
 @main.command()
 @click.argument("state", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @dtype_opt
 @shard_opt
+@click.option("--as-lora", "as_lora", is_flag=False, flag_value="exact", default=None, metavar="[RANK]",
+              help="write a PEFT LoRA adapter for the same base instead of a full model: exact without RANK, else "
+                   "each module's best rank-RANK approximation (errors in its README.md).")
 @device_opt
 @quiet_opt
-def export(state: Path, out: Path, dtype: str | None, shard_size: str | None, device: str | None, quiet: bool) -> None:
+def export(state: Path, out: Path, dtype: str | None, shard_size: str | None, as_lora: str | None,
+           device: str | None, quiet: bool) -> None:
     """Write the merged model of STATE to the folder OUT (safetensors, config, tokenizer, model card)."""
     st = open_state(state)
+    if as_lora is not None:
+        click.echo(st.export_lora(out, rank=_lora_rank(as_lora), dtype=dtype).summary())
+        return
     st.export(out, dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE, device=device or "cpu",
               progress=not quiet)
     click.echo(_exported(len(st.steps), out))
@@ -270,8 +289,13 @@ def info(state: Path, as_json: bool, tensors: bool, project, no_project) -> None
     click.echo(f"state   {data['state']}\nmethod  {data['method']} {json.dumps(data['params'])}"
                f"\nbase    {data['base']['path']}\n        sha256 {data['base']['sha256']}")
     click.echo(_describe_tensors(data))
+    factored = {n: w for n, w in data["factored"].items() if w}
+    if data["factored"]:
+        top = max(factored.values(), default=0)
+        click.echo(f"factored {len(data['factored'])} tensors kept as low-rank factors ({len(factored)} nonzero, "
+                   f"rank up to {top}; the others are zero)")
     if tensors:
-        _list_tensors(data["classification"], data["routes"])
+        _list_tensors(data["classification"], data["routes"], data["factored"])
     if not data["steps"]:
         click.echo("steps   none yet")
     for e in data["steps"]:
@@ -280,9 +304,10 @@ def info(state: Path, as_json: bool, tensors: bool, project, no_project) -> None
         click.echo(f"  {_describe_entry(e)}{kmean}\n      sha256 {e['sha256']}  {e['time']}")
 
 
-def _list_tensors(kinds: dict[str, str], routes: dict[str, str]) -> None:
+def _list_tensors(kinds: dict[str, str], routes: dict[str, str], factored: dict[str, int] | None = None) -> None:
     for n, k in kinds.items():
-        click.echo(f"  {k:<11} {routes[n]:<12} {n}")
+        rank = f"  (factored, rank ≤ {factored[n]})" if factored and n in factored else ""
+        click.echo(f"  {k:<11} {routes[n]:<12} {n}{rank}")
 
 
 def _model_info(model: Path, as_json: bool, tensors: bool, project, no_project) -> None:

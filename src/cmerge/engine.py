@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .errors import CmergeError
 from .io import TensorMeta, TensorSource, dtype_name, open_source, rows_numel
 from .layers import PASSTHROUGH, is_projected
+from .lowrank import LowRank
 from .methods.base import Method, TensorStep, sq_norm
 
 # Element-wise rules take tensors larger than this in blocks of rows of about this many
@@ -79,11 +80,13 @@ class StepOptions:
 
 
 class AccumulatorReader(Protocol):
-    def get(self, acc: str, name: str, rows: slice | None = None) -> torch.Tensor: ...
+    def get(self, acc: str, name: str, rows: slice | None = None) -> torch.Tensor: ...  # dense, always
+
+    def get_factored(self, acc: str, name: str) -> LowRank: ...  # a tensor kept as factors
 
 
 class AccumulatorSink(Protocol):
-    def put(self, acc: str, name: str, tensor: torch.Tensor, rows: slice | None = None) -> None: ...
+    def put(self, acc: str, name: str, tensor: torch.Tensor | LowRank, rows: slice | None = None) -> None: ...
 
 
 @dataclass
@@ -123,6 +126,30 @@ def check_compatible(plan: Plan, source: TensorSource, what: str) -> None:
                               f"the base's is {dtype_name(b.dtype)}.")
         if not b.dtype.is_floating_point and m.dtype.is_floating_point:
             raise CmergeError(f"{what}: tensor {name!r} is floating but the base's is {dtype_name(b.dtype)}.")
+
+
+def plan_factored(method: Method, plan: Plan, incoming: TensorSource, t: int,
+                  previous: Mapping[str, int]) -> dict[str, int]:
+    """The tensors whose accumulators stay (or start) factored after step t, with their widths.
+
+    A 2-D tensor is factored when the method keeps factors, the incoming task vector is low
+    rank there without the base (a LoRA adapter: its rank; untouched: 0), and the tensor was
+    factored before (or this is the first step). Its width is the previous width plus the
+    incoming rank: task arithmetic, averaging and OPCM's projection all stay in the span of
+    the stacked factors. A dense input on a tensor turns it dense for good.
+    """
+    width_of = getattr(incoming, "low_rank_width", None)
+    if not method.factored or width_of is None:
+        return {}
+    out = {}
+    for name in plan.merged_names():
+        if len(plan.metas[name].shape) != 2:
+            continue
+        w = width_of(name)
+        if w is None or (t > 1 and name not in previous):
+            continue
+        out[name] = w if t == 1 else previous[name] + w
+    return out
 
 
 def resolve_extras(method: Method, model: Any, given: Mapping[str, Any] | None) -> dict[str, TensorSource]:
@@ -328,8 +355,15 @@ def _refuse_bad_task_vector(name: str, x: torch.Tensor, tau: torch.Tensor, incom
 
 def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, base: TensorSource,
              incoming: TensorSource, acc: AccumulatorReader | None, sink: AccumulatorSink, *,
-             extras: Mapping[str, TensorSource] | None = None, options: StepOptions = StepOptions()) -> StepOutcome:
+             extras: Mapping[str, TensorSource] | None = None, factored: Mapping[str, int] | None = None,
+             options: StepOptions = StepOptions()) -> StepOutcome:
     """Fold one model into the accumulators (step ``t``, 1-based). Writes only to ``sink``.
+
+    ``incoming`` is a model (τ = θ_t − θ0 is formed here) or a source of task vectors
+    (``incoming.deltas``, e.g. a LoRA adapter: τ comes from ``incoming.delta``). ``factored``:
+    the tensors whose new accumulators the method keeps as low-rank factors (``LowRank``,
+    lowrank.py), with their declared widths; their τ and old accumulators reach the rule as
+    factors too. Every other tensor is dense, materialised where it came as factors.
 
     Refuses (CmergeError, before anything reaches the sink's destination) an input with
     NaN/Inf, a task vector that does not fit the compute dtype, and a step that would store
@@ -338,13 +372,15 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
     opt = options
     dev = resolve_device(opt.device)
     extras = dict(extras or {})
+    factored = dict(factored or {})
+    deltas = bool(getattr(incoming, "deltas", False))
     for key, src in extras.items():
         check_extra(plan, src, key)
     first = t == 1 or acc is None
 
     def streamed(name: str) -> bool:
         kind = plan.kinds[name]
-        return kind != PASSTHROUGH and method.elementwise(is_projected(kind))
+        return kind != PASSTHROUGH and name not in factored and method.elementwise(is_projected(kind))
 
     def unit_bytes(u: Unit) -> int:
         per_element = 2 * plan.metas[u.name].dtype.itemsize  # base and incoming (alike)
@@ -353,11 +389,21 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
         return rows_numel(plan.metas[u.name], u.rows) * per_element
 
     def read(u: Unit):
-        b, x = base.get(u.name, u.rows), incoming.get(u.name, u.rows)  # read (and hashed) even if passed through
-        if plan.kinds[u.name] == PASSTHROUGH:
-            return None
+        if deltas:  # the task vector itself; the base is read only if a rule asks for it
+            if plan.kinds[u.name] == PASSTHROUGH:
+                return None
+            b, x = None, incoming.delta(u.name, u.rows, opt.compute_dtype)  # type: ignore[attr-defined]
+        else:
+            b, x = base.get(u.name, u.rows), incoming.get(u.name, u.rows)  # read (and hashed) even if passed through
+            if plan.kinds[u.name] == PASSTHROUGH:
+                return None
         # NaN / Inf in x: checked on the main thread from ‖τ‖², which is computed anyway
-        accs = {} if first else {a: acc.get(a, u.name, u.rows) for a in method.accumulators}  # type: ignore[union-attr]
+        if first:
+            accs = {}
+        elif u.name in factored:
+            accs = {a: acc.get_factored(a, u.name) for a in method.accumulators}  # type: ignore[union-attr]
+        else:
+            accs = {a: acc.get(a, u.name, u.rows) for a in method.accumulators}  # type: ignore[union-attr]
         ext = {k: src.get(u.name, u.rows) for k, src in extras.items()}
         for k, v in ext.items():
             if v.dtype.is_floating_point and not all_finite(v):
@@ -376,13 +422,19 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
                 continue
             b, x, accs, ext = item
             del item
-            tau = _task_vector(x, b, dev, opt.compute_dtype)
-            tau_sq = sq_norm(tau)
-            # ‖τ‖² (float64) is finite whenever τ is (up to float64 overflow), so only then is a check needed
-            if not math.isfinite(tau_sq):
-                _refuse_bad_task_vector(u.name, x, tau, incoming, opt.compute_dtype)
+            if deltas:
+                tau, tau_sq = _given_task_vector(x, plan.metas[u.name], u, u.name in factored, dev, opt.compute_dtype)
+                if not math.isfinite(tau_sq):
+                    raise CmergeError(f"{incoming.description}: the task vector of tensor {u.name!r} is not finite in "
+                                      f"{dtype_name(opt.compute_dtype)}; nothing was changed.")
+            else:
+                tau = _task_vector(x, b, dev, opt.compute_dtype)
+                tau_sq = sq_norm(tau)
+                # ‖τ‖² (float64) is finite whenever τ is (up to float64 overflow), so only then is a check needed
+                if not math.isfinite(tau_sq):
+                    _refuse_bad_task_vector(u.name, x, tau, incoming, opt.compute_dtype)
             del x, b  # mapped reads are unmapped here, not after the rule
-            step = TensorStep(u.name, t, tau, {k: v.to(dev, opt.compute_dtype) for k, v in accs.items()}, scalars,
+            step = TensorStep(u.name, t, tau, {k: _on(v, dev, opt.compute_dtype) for k, v in accs.items()}, scalars,
                               is_projected(plan.kinds[u.name]),
                               load_base=functools.partial(_base_again, base, u, dev, opt.compute_dtype),
                               extra={k: v.to(dev, opt.compute_dtype) for k, v in ext.items()},
@@ -394,8 +446,8 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
             if update.note is not None:
                 notes[u.name] = update.note
             for a in method.accumulators:
-                new = update.acc[a].to("cpu", opt.acc_dtype)
-                if not all_finite(new):
+                new = _stored(update.acc[a], factored.get(u.name), opt.acc_dtype)
+                if not (new.isfinite() if isinstance(new, LowRank) else all_finite(new)):
                     raise CmergeError(f"merging {incoming.description} would store NaN or Inf in tensor {u.name!r} "
                                       f"({method.name}'s {a}, {dtype_name(opt.acc_dtype)}); nothing was changed.")
                 sink.put(a, u.name, new, u.rows)
@@ -413,6 +465,42 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
         if isinstance(v, float) and not math.isfinite(v):
             raise CmergeError(f"{what} would make {k} = {v}; nothing was changed.")
     return StepOutcome(new_scalars, sums["tau_sq"] ** 0.5, notes)
+
+
+def _on(v: torch.Tensor | LowRank, dev: torch.device, dtype: torch.dtype) -> torch.Tensor | LowRank:
+    return v.to(dev, dtype)
+
+
+def _given_task_vector(x: torch.Tensor | LowRank | None, meta: TensorMeta, u: Unit, factored: bool,
+                       dev: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | LowRank, float]:
+    """A task vector given by a delta source, as the rule takes it: factors for a factored tensor,
+    dense otherwise (None, τ = 0, becomes zeros); and ‖τ‖²."""
+    if factored:
+        if x is None:
+            x = LowRank.zeros(meta.shape[0], meta.shape[1], dtype, dev)
+        elif not isinstance(x, LowRank):
+            raise AssertionError(f"tensor {u.name!r} was planned as factored but its task vector is dense")
+        x = x.to(dev, dtype)
+        return x, x.sq_norm()
+    if x is None:
+        shape = meta.shape if u.rows is None else (u.rows.stop - u.rows.start, *meta.shape[1:])
+        x = torch.zeros(shape, dtype=dtype, device=dev)
+    elif isinstance(x, LowRank):
+        x = x.to(dev, dtype).dense()
+    else:
+        x = x.to(dev, dtype)
+    return x, sq_norm(x)
+
+
+def _stored(value: torch.Tensor | LowRank, width: int | None, dtype: torch.dtype) -> torch.Tensor | LowRank:
+    """An accumulator as the sink stores it: dense on the CPU in ``dtype``, or factors padded to ``width``."""
+    if width is None:
+        if isinstance(value, LowRank):
+            value = value.dense()
+        return value.to("cpu", dtype)
+    if not isinstance(value, LowRank):
+        raise AssertionError("a rule returned a dense accumulator for a factored tensor")
+    return value.padded(width).to("cpu", dtype)
 
 
 def _base_again(base: TensorSource, u: Unit, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -106,6 +106,7 @@ class _Architecture:
     name: str
     linear: set[str] = field(default_factory=set)     # parameter names of nn.Linear weights
     linear_t: set[str] = field(default_factory=set)   # of Conv1D weights
+    embeddings: set[str] = field(default_factory=set)  # of nn.Embedding weights
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every parameter's shape
     to_param: Callable[[str], tuple[str, bool]] = lambda key: (key, False)  # key → (param, fused by a converter)
 
@@ -169,6 +170,8 @@ def _describe(model: torch.nn.Module) -> _Architecture:
             linear_t.add(name)
         elif isinstance(mod, torch.nn.Linear):
             linear.add(name)
+        elif isinstance(mod, torch.nn.Embedding):
+            arch.embeddings.add(name)
     for names in names_of.values():
         # a linear weight tied to an embedding (a tied lm_head) is the embedding: identity rule for all names
         if len(names) > 1 and not all(n in linear or n in linear_t for n in names):
@@ -208,6 +211,28 @@ def _key_mapper(model: Any, params: set[str]) -> Callable[[str], tuple[str, bool
         return renamed, pattern is not None
 
     return map_v5
+
+
+def checkpoint_keys(keys: Sequence[str], folder: Path | None) -> dict[str, str]:
+    """The model's parameter name → its checkpoint key, for the keys transformers renames while loading
+    (empty when there is no usable architecture). A LoRA adapter names modules the model's way."""
+    arch, _ = _build_architecture(Path(folder)) if folder is not None else (None, None)
+    if arch is None:
+        return {}
+    out = {}
+    for key in keys:
+        param, _ = arch.to_param(key)
+        if param in arch.shapes and param != key:
+            out[param] = key
+    return out
+
+
+def embedding_weights(keys: Sequence[str], folder: Path | None) -> set[str]:
+    """The checkpoint keys that are ``nn.Embedding`` weights (by architecture; empty without one)."""
+    arch, _ = _build_architecture(Path(folder)) if folder is not None else (None, None)
+    if arch is None:
+        return set()
+    return {k for k in keys if arch.to_param(k)[0] in arch.embeddings}
 
 
 def _by_name(name: str, meta_shape: tuple[int, ...]) -> str:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FACTORIZATIONS", "protected_rank", "opcm_project", "svd_factors"]
+__all__ = ["FACTORIZATIONS", "RANK_RTOL", "numerical_rank", "protected_rank", "opcm_project", "svd_factors"]
 
 FACTORIZATIONS = ("gram", "svd")
 
@@ -42,6 +42,20 @@ _GRAM_TAIL = 1e-3
 _GRAM_MAX_TAIL = 0.25
 # Elements (float64) per column chunk of the streamed products (32 MiB).
 _CHUNK_ELEMENTS = 1 << 22
+
+
+#: Singular values at most this fraction of the largest count as zero (D is then rank-deficient):
+#: an exactly low-rank matrix computed in float64 has its "zero" singular values at ~1e-16 of
+#: the largest, and a task vector has no genuine direction that small.
+RANK_RTOL = 1e-10
+
+
+def numerical_rank(singular_values: torch.Tensor) -> int:
+    """The number of singular values above RANK_RTOL times the largest (0 for a zero spectrum)."""
+    s = singular_values.detach().reshape(-1)
+    if s.numel() == 0 or not float(s.max()) > 0:
+        return 0
+    return int(torch.count_nonzero(s > RANK_RTOL * s.max()))
 
 
 def protected_rank(singular_values: torch.Tensor, alpha: float) -> int:
@@ -110,8 +124,10 @@ def opcm_project(
     touched) there is nothing to protect and X is returned unchanged with k = 0;
     the reference would instead zero X's diagonal in an arbitrary SVD basis.
 
-    For a rank-deficient D the diagonal terms with s_i = 0 depend on the arbitrary
-    null-space basis that the SVD returns; orthogonality to D holds whatever it is.
+    A rank-deficient D (R = `numerical_rank` < r, e.g. a merge of LoRA deltas in float64)
+    follows the rule for its R nonzero singular pairs: k from their mass, the diagonal
+    zeroed for i < R only, so P(X) does not depend on the arbitrary null-space basis an
+    SVD returns; ⟨P(X), D⟩ = 0 still. On a full-rank D this is the rule above.
     """
     _check_pair(delta, x)
     if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
@@ -122,6 +138,9 @@ def opcm_project(
     # P commutes with transposition (P_{Dᵀ}(Xᵀ) = P_D(X)ᵀ): work on the wide side.
     d_w, x_w = (delta.mT, x.mT) if tall else (delta, x)
     u, s, v = svd_factors(d_w, factorization)
+    rank = numerical_rank(s)
+    if rank < s.numel():  # a rank-deficient D: only its nonzero singular pairs count (docs/methods.md)
+        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
     k = protected_rank(s, alpha)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -116,6 +116,7 @@ class Manifest:
     scalars: dict[str, Any]
     generation: str | None = None
     steps: list[StepRecord] = field(default_factory=list)
+    factored: dict[str, int] = field(default_factory=dict)  # tensors the generation keeps as factors: width
     created: str = field(default_factory=now)
     updated: str | None = None
     format: str = FORMAT
@@ -137,8 +138,10 @@ class Manifest:
     def save(self, folder: Path) -> None:
         atomic_write_json(Path(folder) / MANIFEST, self.to_dict())
 
-    def with_step(self, record: StepRecord, scalars: Mapping[str, Any], generation: str) -> "Manifest":
-        return replace(self, steps=[*self.steps, record], scalars=dict(scalars), generation=generation, updated=now())
+    def with_step(self, record: StepRecord, scalars: Mapping[str, Any], generation: str,
+                  factored: Mapping[str, int]) -> "Manifest":
+        return replace(self, steps=[*self.steps, record], scalars=dict(scalars), generation=generation,
+                       factored=dict(factored), updated=now())
 
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
@@ -168,7 +171,8 @@ class Manifest:
             base = BaseRecord(**b)
             steps = [StepRecord.from_dict(s) for s in d["steps"]]
             m = cls(method=d["method"], params=dict(d["params"]), precision=d["precision"], base=base,
-                    scalars=dict(d["scalars"]), generation=d["generation"], steps=steps, created=d["created"],
+                    scalars=dict(d["scalars"]), generation=d["generation"], steps=steps,
+                    factored={str(k): int(v) for k, v in (d.get("factored") or {}).items()}, created=d["created"],
                     updated=d.get("updated"), format=d["format"], format_version=version,
                     cmerge_version=d.get("cmerge_version", "?"))
             base.plan()  # every dtype named is known

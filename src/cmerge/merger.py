@@ -13,11 +13,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .checks import check_task_vector, global_norm, norm64, precision_dtype
-from .engine import Plan, StepOptions, check_compatible, iter_merged, resolve_device, resolve_extras, run_step
+from .engine import (Plan, StepOptions, check_compatible, iter_merged, plan_factored, resolve_device, resolve_extras,
+                     run_step)
 from .errors import CmergeError
-from .export import export_merged
-from .io import DEFAULT_SHARD_SIZE, HashingSource, TensorSource, content_hash, dtype_name, open_source, parse_dtype
+from .export import LoraExport, export_lora, export_merged
+from .io import (DEFAULT_SHARD_SIZE, HashingSource, TensorSource, content_digest, content_hash, dtype_name, open_source,
+                 parse_dtype)
 from .layers import PASSTHROUGH, classify
+from .lowrank import LowRank
 from .manifest import StepRecord
 from .methods import get_method
 
@@ -31,9 +34,14 @@ class DictAccumulators:
 
     def get(self, acc: str, name: str, rows: slice | None = None) -> torch.Tensor:
         t = self.data[acc][name]
+        if isinstance(t, LowRank):
+            return t.dense(rows)
         return t if rows is None else t[rows]
 
-    def put(self, acc: str, name: str, tensor: torch.Tensor, rows: slice | None = None) -> None:
+    def get_factored(self, acc: str, name: str) -> LowRank:
+        return self.data[acc][name]
+
+    def put(self, acc: str, name: str, tensor: torch.Tensor | LowRank, rows: slice | None = None) -> None:
         if rows is None:
             self.data.setdefault(acc, {})[name] = tensor
             return
@@ -68,6 +76,7 @@ class Merger:
         self.steps: list[StepRecord] = []
         self.overrides: list[dict[str, Any]] = []  # {"after_step": t, "tensors": [names]} per override()
         self._acc = DictAccumulators(self.plan, self.compute_dtype)
+        self.factored: dict[str, int] = {}  # tensors kept as low-rank factors, with their widths
         self._base_norm: float | None = None
 
     @property
@@ -92,17 +101,22 @@ class Merger:
 
         A zero (or negligible) task vector is refused unless ``allow_empty`` (checks.py).
         """
-        incoming = HashingSource(open_source(model, description=name or "incoming model"))
+        opened = open_source(model, description=name or "incoming model", base=self.base)
+        deltas = bool(getattr(opened, "deltas", False))
+        incoming = opened if deltas else HashingSource(opened)
         check_compatible(self.plan, incoming, incoming.description)
         extra_srcs = resolve_extras(self.method, model, extras)
         t = len(self.steps) + 1
+        factored = plan_factored(self.method, self.plan, opened, t, self.factored)
         new = DictAccumulators(self.plan, self.compute_dtype)
         started = time.time()
         out = run_step(self.method, self.scalars, t, self.plan, self.base, incoming, self._acc, new,
-                       extras=extra_srcs, options=self._step_options(desc=f"step {t}: {name or 'model'}"))
+                       extras=extra_srcs, factored=factored,
+                       options=self._step_options(desc=f"step {t}: {name or 'model'}"))
         check_task_vector(out.tau_norm, self.base_norm, incoming.description, allow_empty)
-        self._acc, self.scalars = new, out.scalars
-        record = StepRecord(t=t, name=name or f"model-{t}", sha256=incoming.digest(),
+        self._acc, self.scalars, self.factored = new, out.scalars, factored
+        sha = content_digest(opened) if deltas else incoming.digest()
+        record = StepRecord(t=t, name=name or f"model-{t}", sha256=sha,
                             seconds=round(time.time() - started, 3), norm=out.tau_norm,
                             summary=self.method.step_summary(out.scalars), protected_rank=out.notes or None)
         self.steps.append(record)
@@ -152,6 +166,7 @@ class Merger:
         for name, accs in new.items():
             for a, v in accs.items():
                 self._acc.put(a, name, v)
+            self.factored.pop(name, None)  # a corrected tensor is dense from now on
         self.overrides.append({"after_step": len(self.steps), "tensors": sorted(new)})
 
     def _merged(self, dtype: torch.dtype | None, desc: str = "exporting"):
@@ -193,6 +208,13 @@ class Merger:
         tensors = self._merged(parse_dtype(dtype) if dtype else None)
         return export_merged(out, self.plan, tensors, self.info(), dtype=dtype, shard_size=shard_size,
                              aux_from=self.base.folder)
+
+    def export_lora(self, out: str | Path, *, rank: int | None = None, dtype: str | None = None) -> LoraExport:
+        """The merged task vector as one PEFT LoRA adapter, as ``cmerge export --as-lora [RANK]`` writes it."""
+        if not self.steps:
+            raise CmergeError("nothing has been merged yet; call add() first.")
+        return export_lora(out, self.plan, self.method, self.scalars, self._acc, self.factored, self.info(),
+                           base_folder=self.base.folder, rank=rank, dtype=dtype)
 
 
 def merge(base: Any, models: Iterable[Any], method: str = "opcm", *, names: Sequence[str] | None = None,

@@ -23,13 +23,16 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .engine import AccumulatorReader, Plan, StepOptions, check_compatible, iter_merged, resolve_extras, run_step
+from .engine import (AccumulatorReader, Plan, StepOptions, check_compatible, iter_merged, plan_factored,
+                     resolve_extras, run_step)
 from .errors import CmergeError
-from .export import export_merged
+from .export import LoraExport, export_lora, export_merged
 from .fsutil import fsync_dir, is_temporary, locked
 from .io import (DEFAULT_SHARD_SIZE, HashingSource, SafetensorsSource, StreamingSafetensorsWriter, TensorSource,
-                 combine_digests, content_hash, describe, dtype_name, open_source, parse_dtype, tensor_digest)
+                 base_matches, combine_digests, content_digest, content_hash, describe, dtype_name, open_source,
+                 parse_dtype, tensor_digest)
 from .layers import Classification, classify
+from .lowrank import LowRank
 from .manifest import MANIFEST, BaseRecord, Manifest, StepRecord, TensorRecord, file_fingerprints
 from .methods import Method, get_method
 from .checks import check_task_vector, global_norm, norm64, precision_dtype
@@ -38,14 +41,26 @@ LOCK = ".lock"
 ACCUMULATORS = "accumulators.safetensors"
 
 
-def accumulator_key(acc: str, name: str) -> str:
-    """The accumulator file's name of accumulator ``acc`` of tensor ``name``."""
-    return f"{acc}/{name}"
+def accumulator_key(acc: str, name: str, factor: str | None = None) -> str:
+    """The accumulator file's name of accumulator ``acc`` of tensor ``name`` (``factor`` L or R if factored)."""
+    return f"{acc}/{name}" if factor is None else f"{acc}/{name}@{factor}"
 
 
-def accumulator_specs(plan: Plan, method: Method, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """The accumulator tensors a step writes (every merged tensor's accumulators, side by side)."""
-    return [(accumulator_key(a, n), dtype, plan.metas[n].shape) for n in plan.merged_names() for a in method.accumulators]
+def accumulator_specs(plan: Plan, method: Method, dtype: torch.dtype, factored: Mapping[str, int] | None = None
+                      ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The accumulator tensors a step writes: every merged tensor's accumulators, side by side; a factored
+    tensor's as its two factors L (m × w) and R (n × w)."""
+    factored = factored or {}
+    specs = []
+    for n in plan.merged_names():
+        for a in method.accumulators:
+            if n in factored:
+                m, k = plan.metas[n].shape
+                specs += [(accumulator_key(a, n, "L"), dtype, (m, factored[n])),
+                          (accumulator_key(a, n, "R"), dtype, (k, factored[n]))]
+            else:
+                specs.append((accumulator_key(a, n), dtype, plan.metas[n].shape))
+    return specs
 
 
 def _gen_dir(t: int) -> str:
@@ -55,28 +70,38 @@ def _gen_dir(t: int) -> str:
 class DiskAccumulators:
     """Reads the accumulators of one generation, one tensor (or block of rows) at a time."""
 
-    def __init__(self, path: Path, method: str) -> None:
+    def __init__(self, path: Path, method: str, factored: Mapping[str, int] | None = None) -> None:
         # mapped: a step and an export use each accumulator tensor once and drop it
         self._src = SafetensorsSource([path], f"the merge state's accumulators {path}", mapped=True)
+        self.factored = dict(factored or {})
         written_by = self._src.metadata.get("method")
         if written_by != method:
             raise CmergeError(f"the merge state's accumulators {path} were written by method {written_by!r} but its "
                               f"manifest names method {method!r}; the state is inconsistent.")
 
     def get(self, acc: str, name: str, rows: slice | None = None) -> torch.Tensor:
+        if name in self.factored:
+            return self.get_factored(acc, name).dense(rows)
         return self._src.get(accumulator_key(acc, name), rows)
+
+    def get_factored(self, acc: str, name: str) -> LowRank:
+        return LowRank(self._src.get(accumulator_key(acc, name, "L")), self._src.get(accumulator_key(acc, name, "R")))
 
 
 class AccumulatorFile:
     """The sink of a step: a new generation's accumulator file, written as the step streams."""
 
-    def __init__(self, path: Path, plan: Plan, method: Method, dtype: torch.dtype, t: int) -> None:
-        self.writer = StreamingSafetensorsWriter(path, accumulator_specs(plan, method, dtype),
+    def __init__(self, path: Path, plan: Plan, method: Method, dtype: torch.dtype, t: int,
+                 factored: Mapping[str, int] | None = None) -> None:
+        self.writer = StreamingSafetensorsWriter(path, accumulator_specs(plan, method, dtype, factored),
                                                  {"cmerge_step": str(t), "method": method.name},
                                                  background=True, any_order=True)
 
-    def put(self, acc: str, name: str, tensor: torch.Tensor, rows: slice | None = None) -> None:
-        if rows is None:
+    def put(self, acc: str, name: str, tensor: torch.Tensor | LowRank, rows: slice | None = None) -> None:
+        if isinstance(tensor, LowRank):
+            self.writer.write(accumulator_key(acc, name, "L"), tensor.left.contiguous())
+            self.writer.write(accumulator_key(acc, name, "R"), tensor.right.contiguous())
+        elif rows is None:
             self.writer.write(accumulator_key(acc, name), tensor)
         else:
             self.writer.write_rows(accumulator_key(acc, name), tensor)
@@ -191,7 +216,8 @@ class State:
             "tensors": {k: kinds.count(k) for k in sorted(set(kinds))},
             "summary": cls.summary(), "projected": cls.projected(),
             "classification": cls.kinds, "routes": cls.routes,
-            "scalars": m.scalars, "generation": m.generation, "steps": [s.to_dict() for s in m.steps],
+            "scalars": m.scalars, "generation": m.generation, "factored": m.factored,
+            "steps": [s.to_dict() for s in m.steps],
         }
 
     def _base_source(self) -> TensorSource:
@@ -217,7 +243,8 @@ class State:
 
     def _accumulators(self) -> AccumulatorReader | None:
         gen = self.manifest.generation
-        return None if gen is None else DiskAccumulators(self.path / gen / ACCUMULATORS, self.manifest.method)
+        return None if gen is None else DiskAccumulators(self.path / gen / ACCUMULATORS, self.manifest.method,
+                                                         self.manifest.factored)
 
     # ------------------------------------------------------------ writing
     def _lock(self, exclusive: bool) -> Any:
@@ -248,30 +275,33 @@ class State:
             self.manifest = Manifest.load(self.path)
             self._remove_stale()
             method, plan = self.method, self.plan
-            incoming = open_source(model, mapped=True)
+            base = self._base_source()
+            incoming = open_source(model, mapped=True, base=base)
             check_compatible(plan, incoming, incoming.description)
             extra_srcs = resolve_extras(method, model, extras)
-            base = self._base_source()
-            sha = content_hash(incoming)  # before any compute: a duplicate is refused at once
+            sha = content_digest(incoming)  # before any compute: a duplicate is refused at once
             for s in self.steps:
                 if s.sha256 == sha and not force:
                     raise CmergeError(f"this model was already merged as step {s.t} ({s.name}); pass --force to add it "
                                       f"again.")
+            made_for = self._check_adapter_base(incoming, force)
             self._check_base_unchanged(base)
             t = len(self.steps) + 1
+            factored = plan_factored(method, plan, incoming, t, self.manifest.factored)
             final, partial = self.path / _gen_dir(t), self.path / (_gen_dir(t) + ".partial")
             partial.mkdir()
-            sink = AccumulatorFile(partial / ACCUMULATORS, plan, method, self.compute_dtype, t)
-            hashed_base = HashingSource(base)
+            sink = AccumulatorFile(partial / ACCUMULATORS, plan, method, self.compute_dtype, t, factored)
+            deltas = bool(getattr(incoming, "deltas", False))
+            step_base = base if deltas else HashingSource(base)  # a delta source reads the base only where needed
             opt = options or StepOptions()
             opt = StepOptions(compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype, device=device,
                               progress=progress, desc=f"step {t}: {name or incoming.description}",
                               block_elements=opt.block_elements, read_ahead_bytes=opt.read_ahead_bytes)
             started = time.time()
             try:
-                out = run_step(method, self.manifest.scalars, t, plan, hashed_base, incoming, self._accumulators(),
-                               sink, extras=extra_srcs, options=opt)
-                if hashed_base.digest() != self.manifest.base.sha256:
+                out = run_step(method, self.manifest.scalars, t, plan, step_base, incoming, self._accumulators(),
+                               sink, extras=extra_srcs, factored=factored, options=opt)
+                if not deltas and step_base.digest() != self.manifest.base.sha256:
                     raise self._changed_base()
                 check_task_vector(out.tau_norm, self.manifest.base.norm, incoming.description, allow_empty)
                 sink.writer.close()
@@ -281,17 +311,34 @@ class State:
                 raise
             os.replace(partial, final)
             fsync_dir(self.path)
+            inputs = {k: src.description for k, src in extra_srcs.items()}
+            if made_for is not None:
+                inputs["adapter_base"] = made_for
             record = StepRecord(t=t, name=name or _default_name(model, t), source=describe(model), sha256=sha,
                                 seconds=round(time.time() - started, 3), norm=out.tau_norm,
                                 summary=method.step_summary(out.scalars), protected_rank=out.notes or None,
-                                extras={k: src.description for k, src in extra_srcs.items()} or None)
+                                extras=inputs or None)
             old = self.manifest.generation
-            new_manifest = self.manifest.with_step(record, out.scalars, final.name)
+            new_manifest = self.manifest.with_step(record, out.scalars, final.name, factored)
             new_manifest.save(self.path)
             self.manifest = new_manifest
             if old is not None:
                 shutil.rmtree(self.path / old, ignore_errors=True)
             return record
+
+    def _check_adapter_base(self, incoming: TensorSource, force: bool) -> str | None:
+        """An adapter made for another base model is refused unless ``force`` (its shapes may fit by chance).
+
+        Returns the base id the adapter names (recorded in the step log), if it is an adapter.
+        """
+        adapter = getattr(incoming, "adapter", None)
+        if adapter is None:
+            return None
+        made_for = adapter.base_id
+        if made_for is None or force or base_matches(made_for, Path(self.manifest.base.path)):
+            return made_for or ""
+        raise CmergeError(f"{incoming.description} was made for base model {made_for!r}, not for "
+                          f"{self.manifest.base.path}; pass --force if it fits this base anyway.")
 
     def export(self, out: str | os.PathLike, *, dtype: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                device: str = "cpu", progress: bool = False, provenance: Mapping[str, Any] | None = None,
@@ -302,9 +349,7 @@ class State:
         step log (``cmerge merge`` passes its inputs).
         """
         with self._lock(exclusive=False):
-            self.manifest = Manifest.load(self.path)
-            if not self.steps:
-                raise CmergeError(f"nothing has been merged into {self.path} yet; run `cmerge add` first.")
+            self._load_for_export()
             base = HashingSource(self._base_source())
             opt = options or StepOptions()
             opt = StepOptions(compute_dtype=self.compute_dtype, device=device, progress=progress, desc="exporting",
@@ -319,6 +364,20 @@ class State:
             info = self.info()
             return export_merged(out, self.plan, tensors, info, dtype=dtype, shard_size=shard_size,
                                  aux_from=base.folder, before_commit=base_unchanged, provenance_record=provenance)
+
+    def export_lora(self, out: str | os.PathLike, *, rank: int | None = None, dtype: str | None = None) -> LoraExport:
+        """Write the merged task vector as one PEFT LoRA adapter for the same base (export.export_lora):
+        exact without ``rank``, else each module's best rank-``rank`` approximation, its error recorded."""
+        with self._lock(exclusive=False):
+            self._load_for_export()
+            return export_lora(out, self.plan, self.method, self.manifest.scalars, self._accumulators(),
+                               self.manifest.factored, self.info(), base_folder=self._base_source().folder,
+                               rank=rank, dtype=dtype)
+
+    def _load_for_export(self) -> None:
+        self.manifest = Manifest.load(self.path)
+        if not self.steps:
+            raise CmergeError(f"nothing has been merged into {self.path} yet; run `cmerge add` first.")
 
 
 def _default_name(model: Any, t: int) -> str:

@@ -6,8 +6,10 @@
 - :mod:`.folder`   a model folder: shards, config/tokenizer files, model card, written atomically
 - :mod:`.tensors`  shapes, dtypes and their names
 """
-from .folder import DEFAULT_SHARD_SIZE, check_new_folder, copy_aux_files, write_model_folder
-from .hashing import HashingSource, combine_digests, content_hash, digest_start, tensor_bytes, tensor_digest
+from .folder import DEFAULT_SHARD_SIZE, check_new_folder, copy_aux_files, write_model_folder, write_tensor_folder
+from .hashing import (HashingSource, combine_digests, content_digest, content_hash, digest_start, tensor_bytes,
+                      tensor_digest)
+from .peft import base_matches
 from .sources import (SAFETENSORS_INDEX, TORCH_INDEX, WEIGHT_SUFFIXES, MappingSource, SafetensorsSource,
                       TensorSource, TorchFileSource, data_offsets, describe, is_weight_file, open_source)
 from .tensors import DTYPES, TensorMeta, dtype_name, parse_dtype, rows_numel, torch_dtype
@@ -16,7 +18,8 @@ from .writer import StreamingSafetensorsWriter, parse_size, plan_shards, write_s
 __all__ = [
     "DEFAULT_SHARD_SIZE", "DTYPES", "HashingSource", "MappingSource", "SAFETENSORS_INDEX", "SafetensorsSource",
     "StreamingSafetensorsWriter", "TORCH_INDEX", "TensorMeta", "TensorSource", "TorchFileSource", "WEIGHT_SUFFIXES",
-    "check_new_folder", "combine_digests", "content_hash", "copy_aux_files", "data_offsets", "describe",
+    "base_matches", "check_new_folder", "combine_digests", "content_digest", "content_hash", "copy_aux_files", "data_offsets", "describe",
     "digest_start", "dtype_name", "is_weight_file", "open_source", "parse_dtype", "parse_size", "plan_shards",
     "rows_numel", "tensor_bytes", "tensor_digest", "torch_dtype", "write_model_folder", "write_sharded",
+    "write_tensor_folder",
 ]

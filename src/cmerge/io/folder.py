@@ -44,6 +44,36 @@ def check_new_folder(out: Path) -> None:
         raise CmergeError(f"{out} already exists and is not empty; choose a new output folder.")
 
 
+def write_tensor_folder(out: str | os.PathLike, tensors: Mapping[str, torch.Tensor], filename: str,
+                        files: Mapping[str, str]) -> Path:
+    """A small folder written whole (e.g. a LoRA adapter): one safetensors file and text files,
+    in ``OUT.partial`` renamed into place under the same lock as a model folder."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    check_new_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    busy = f"another cmerge export is writing {out} right now; wait for it to finish or choose another folder."
+    with locked(out.parent / f".{out.name}.cmerge-lock", busy):
+        check_new_folder(out)
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            save_file(dict(tensors), str(tmp / filename), metadata={"format": "pt"})
+            for name, text in files.items():
+                (tmp / name).write_text(text)
+            fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    return out
+
+
 def write_model_folder(out: str | os.PathLike, specs: Sequence[Spec], tensors: Iterable[tuple[str, torch.Tensor]], *,
                        shard_size: str | int = DEFAULT_SHARD_SIZE, metadata: Mapping[str, str] | None = None,
                        aux_from: Path | None = None, files: Callable[[], Mapping[str, str]] | None = None,

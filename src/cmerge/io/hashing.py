@@ -62,6 +62,13 @@ def content_hash(source: TensorSource, *, threads: int | None = None) -> str:
         return combine_digests(dict(zip(names, pool.map(lambda n: tensor_digest(n, source.get(n)), names))))
 
 
+def content_digest(source: TensorSource) -> str:
+    """A source's identity for the step log and the duplicate check: its own digest where it defines one
+    (a LoRA adapter: its tensors and the config that shapes ΔW), else `content_hash`."""
+    own = getattr(source, "content_digest", None)
+    return own() if callable(own) else content_hash(source)
+
+
 class HashingSource(TensorSource):
     """A source that hashes what is read through it: each tensor once, whole or in row blocks in order.
 

@@ -282,10 +282,12 @@ def _first_line(exc: BaseException) -> str:
     return ((str(exc).strip().splitlines() or [type(exc).__name__])[0]).rstrip(".")
 
 
-def open_source(model: object, description: str | None = None, *, mapped: bool = False) -> TensorSource:
+def open_source(model: object, description: str | None = None, *, mapped: bool = False,
+                base: TensorSource | None = None) -> TensorSource:
     """Open a model for lazy reading: a path (folder or file), a state dict, an ``nn.Module`` or a source.
 
-    ``mapped``: the read policy of safetensors files (see the module docstring).
+    ``mapped``: the read policy of safetensors files (see the module docstring). A PEFT
+    adapter folder opens as the task vectors it stands for on ``base`` (io/peft.py).
     """
     if isinstance(model, TensorSource):
         return model
@@ -294,7 +296,15 @@ def open_source(model: object, description: str | None = None, *, mapped: bool =
     if isinstance(model, Mapping):
         return MappingSource(model, description or "state dict")
     if isinstance(model, (str, os.PathLike)):
-        return _open_path(Path(model), description or str(model), mapped)
+        from .peft import LoraSource, is_adapter
+
+        path = Path(model)
+        if is_adapter(path):
+            if base is None:
+                raise CmergeError(f"{path} is a LoRA adapter; it can only be read against its base model (merge it "
+                                  f"into a state or a Merger made for that base).")
+            return LoraSource(path, base)
+        return _open_path(path, description or str(model), mapped)
     raise CmergeError(f"cannot read a model from a {type(model).__name__}; pass a path, a state dict or a module.")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..lowrank import LowRank
 from .base import DeltaMethod, TensorStep, TensorUpdate
 
 
@@ -14,8 +15,12 @@ class Average(DeltaMethod):
     name = "average"
     summary = "Running mean of the experts (SWA), Eq. 32."
 
+    factored = True
+
     def rule(self, s: TensorStep) -> TensorUpdate:
         if s.t == 1:
             return TensorUpdate({"M": s.tau})
+        if isinstance(s.tau, LowRank):  # factors: (1 − 1/t) M + τ / t by concatenation, exactly
+            return TensorUpdate({"M": LowRank.cat(s.acc["M"].scaled(1 - 1 / s.t), s.tau.scaled(1 / s.t))})
         m = s.acc["M"]
         return TensorUpdate({"M": torch.sub(s.tau, m).div_(s.t).add_(m)})  # m + (τ − m) / t

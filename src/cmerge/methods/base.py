@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 
 from ..errors import CmergeError
+from ..lowrank import LowRank
 
 
 TRUE_WORDS = ("true", "yes", "on", "1")
@@ -128,6 +129,9 @@ class Method:
     # per-tensor inputs besides the model, e.g. {"fisher": "exp_avg_sq.safetensors"}: the key names the
     # input (CLI flag --<key>), the value is the file looked for beside a model folder when none is given
     extra_inputs: ClassVar[Mapping[str, str]] = {}
+    # the rule takes low-rank task vectors and accumulators as factors (``lowrank.LowRank``) and keeps
+    # them factored, exactly: a merge of LoRA adapters then stores O((m + n)·Σ r) per weight, not m·n
+    factored: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.p = {**{p.name: p.default for p in self.params}, **self.parse_params(params)}
@@ -174,6 +178,12 @@ class Method:
         """θ_merged for one tensor (or block of rows) from the base tensor and the accumulators, element by element."""
         raise NotImplementedError  # pragma: no cover
 
+    def merged_delta(self, acc: Mapping[str, Any], scalars: Mapping[str, Any]) -> Any:
+        """θ_merged − θ0 for one tensor: ``merged`` at a zero base (exactly, no subtraction); a method
+        that keeps factors (``factored``) returns factors for factored accumulators."""
+        first = next(iter(acc.values()))
+        return self.merged(torch.zeros_like(first), acc, scalars)
+
     def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
                 scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """All accumulators of one tensor such that ``self.merged(base, result, scalars)`` is ``merged``.
@@ -208,6 +218,12 @@ class DeltaMethod(Method):
     def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
         scale = self.merged_scale()
         return base + acc["M"] if scale == 1.0 else base + scale * acc["M"]
+
+    def merged_delta(self, acc: Mapping[str, Any], scalars: Mapping[str, Any]) -> Any:
+        m, scale = acc["M"], self.merged_scale()
+        if scale == 1.0:
+            return m
+        return m.scaled(scale) if isinstance(m, LowRank) else scale * m
 
     def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
                 scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from ..linalg import opcm_project
+from ..lowrank import LowRank, opcm_project_lowrank
 from .base import Method, Param, TensorStep, TensorUpdate, sq_norm
 
 
@@ -44,7 +45,11 @@ class OPCM(Method):
     def elementwise(self, projected: bool) -> bool:
         return not projected  # element by element, except the projection of linear-layer weights (Eq. 9)
 
+    factored = True
+
     def rule(self, s: TensorStep) -> TensorUpdate:
+        if isinstance(s.tau, LowRank):
+            return self._rule_factored(s)
         note = None
         if s.t == 1:
             proj = s.tau
@@ -64,6 +69,22 @@ class OPCM(Method):
             new = s.acc["S"] + proj
         return TensorUpdate({"S": new}, {"proj_sq": proj_sq, "s_sq": sq_norm(new)}, note)
 
+    def _rule_factored(self, s: TensorStep) -> TensorUpdate:
+        """The same rule on factors (docs/methods.md, "OPCM on low-rank task vectors"): the projection of a
+        rank-deficient S follows the rule for its nonzero singular values, computed exactly in the span of
+        the stacked factors."""
+        note = None
+        if s.t == 1:
+            proj = new = s.tau
+        elif s.projected:
+            proj, new, k = opcm_project_lowrank(s.acc["S"], s.tau, self.p["alpha"],
+                                                keep_diagonal=self.p["keep_diagonal"],
+                                                drop_cross_blocks=self.p["drop_cross_blocks"])
+            note = [k, min(s.tau.shape)]
+        else:
+            proj, new = s.tau, LowRank.cat(s.acc["S"], s.tau)
+        return TensorUpdate({"S": new}, {"proj_sq": proj.sq_norm(), "s_sq": new.sq_norm()}, note)
+
     def finalize(self, scalars: Mapping[str, Any], sums: Mapping[str, float], t: int) -> dict[str, Any]:
         n_t = math.sqrt(sums["tau_sq"] if self.p["norm_average"] == "raw" else sums["proj_sq"])
         norm_sum = scalars["norm_sum"] + n_t
@@ -77,6 +98,10 @@ class OPCM(Method):
 
     def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
         return base + acc["S"] / scalars["lambda"]
+
+    def merged_delta(self, acc: Mapping[str, Any], scalars: Mapping[str, Any]) -> Any:
+        s = acc["S"]
+        return s.scaled(1.0 / scalars["lambda"]) if isinstance(s, LowRank) else s / scalars["lambda"]
 
     def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
                 scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
