@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import helpers
 from cmerge.io import open_source
 from cmerge.errors import CmergeError
-from cmerge.layers import BY_ARCHITECTURE, BY_NAME, LINEAR, LINEAR_T, OTHER, classify
+from cmerge.layers import BY_ARCHITECTURE, BY_NAME, LINEAR, LINEAR_STACK, LINEAR_T, OTHER, classify
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -89,6 +89,19 @@ def _mixtral(folder):
     return _save(transformers.MixtralForCausalLM(cfg), folder)
 
 
+def _mixtral_fused(folder):
+    """A MoE checkpoint that stores each layer's experts stacked in one 3-D tensor, as the model holds them."""
+    from safetensors.torch import save_file as save
+
+    cfg = transformers.MixtralConfig(num_hidden_layers=1, num_key_value_heads=1, vocab_size=40, num_local_experts=2,
+                                     num_experts_per_tok=1, **SMALL)
+    model = transformers.MixtralForCausalLM(cfg)
+    model.save_pretrained(str(folder))  # config.json; the weights are then written stacked
+    save({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
+         metadata={"format": "pt"})
+    return folder
+
+
 BUILDERS = {
     "clip_vision_hub_layout": _hub_layout_clip,
     "clip_vision_v5_save": _clip_vision,
@@ -101,6 +114,7 @@ BUILDERS = {
     "llama_untied": lambda f: _llama(f, False),
     "t5": _t5,
     "mixtral_moe": _mixtral,
+    "mixtral_moe_fused": _mixtral_fused,
 }
 
 
@@ -118,12 +132,13 @@ def ground_truth(folder) -> dict[str, str]:
             w = mod.weight
             if all(isinstance(o, (torch.nn.Linear, Conv1D)) for o in owners[id(w)]):  # tied to an embedding: not linear
                 linear.append((w.detach(), LINEAR_T if isinstance(mod, Conv1D) else LINEAR))
-        for p in mod.parameters(recurse=False):
-            if p.ndim == 3:
-                stacks.append(p.detach())
+        if type(mod).__name__.endswith("Experts"):  # transformers 5's MoE experts hold their matrices stacked
+            stacks.extend(p.detach() for p in mod.parameters(recurse=False) if p.ndim == 3)
     truth = {}
     for key, t in load_file(str(folder / "model.safetensors")).items():
         kind = OTHER
+        if t.ndim == 3 and any(s.shape == t.shape and torch.equal(s, t) for s in stacks):
+            kind = LINEAR_STACK  # the experts' matrices, stacked as the model holds them
         if t.ndim == 2 and t.dtype.is_floating_point:
             for w, k in linear:
                 if w.shape == t.shape and torch.equal(w, t):
@@ -176,6 +191,31 @@ def test_moe_experts_are_linear(built):
     c = classify(metas_of(built["mixtral_moe"]), built["mixtral_moe"])
     experts = [n for n in c.kinds if ".experts." in n]
     assert len(experts) == 6 and all(c.kinds[n] == LINEAR for n in experts)
+
+
+def test_stacked_experts_are_projected_matrix_by_matrix(built):
+    from cmerge import Merger
+
+    folder = built["mixtral_moe_fused"]
+    c = classify(metas_of(folder), folder)
+    stacks = [n for n, k in c.kinds.items() if k == LINEAR_STACK]
+    assert sorted(stacks) == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    src = open_source(folder)
+    base = {n: src.get(n) for n in src.keys()}
+    exps = helpers.experts(base, 2, seed=4)
+    m = Merger(folder, "opcm", precision="float64")
+    m.add(exps[0])
+    d1 = {n: m.state_dict()[n] - base[n].double() for n in stacks}
+    lam1 = m.steps[-1]["lambda"]
+    m.add(exps[1])
+    lam2 = m.steps[-1]["lambda"]
+    for n in stacks:  # each expert's projected update is orthogonal to that expert's merged task vector
+        proj = lam2 * (m.state_dict()[n] - base[n].double()) - lam1 * d1[n]
+        for e in range(proj.shape[0]):
+            inner = float((proj[e] * d1[n][e]).sum())
+            assert abs(inner) < 1e-10 * float(proj[e].norm() * d1[n][e].norm()), (n, e)
+        tau = exps[1][n].double() - base[n].double()
+        assert float((proj - tau).norm()) > 1e-3 * float(tau.norm())  # and it was projected
 
 
 def test_tied_lm_head_is_an_embedding(built):

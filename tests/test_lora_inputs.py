@@ -196,3 +196,36 @@ def test_adapter_bin_with_objects_is_refused(llama_adapter):
     torch.save(sd, adapter_dir / "adapter_model.bin")  # tensors only: read with weights_only
     src = open_source(adapter_dir, base=open_source(base_dir))
     assert src.low_rank_width("model.layers.0.self_attn.q_proj.weight") == 4
+
+
+def test_a_hub_id_offline_is_one_sentence(tmp_path, cli, monkeypatch):
+    """No download is attempted by the tests (HF_HUB_OFFLINE=1): the sentence says what to do instead."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = cli("init", tmp_path / "s", "--base", "Qwen/Qwen2.5-0.5B", "-q")
+    assert res.exit_code == 2 and "Traceback" not in res.stderr
+    line = res.stderr.strip()
+    assert line.startswith("error: Qwen/Qwen2.5-0.5B is not a local path, and it could not be downloaded")
+    assert line.endswith("when offline, give the path of a local copy.") and "\n" not in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_hub_id_downloads_only_weights_config_and_tokenizer(tmp_path, monkeypatch):
+    """Online (simulated): snapshot_download is asked for the weights, config and tokenizer only, and the
+    snapshot folder is what gets merged."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    tiny_llama().save_pretrained(snapshot)
+    asked = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        asked.append((repo_id, list(allow_patterns)))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    src = open_source("someone/tiny-llama")
+    assert src.folder == snapshot and "model.embed_tokens.weight" in src.keys()
+    repo, patterns = asked[0]
+    assert repo == "someone/tiny-llama"
+    assert "*.safetensors" in patterns and "config.json" in patterns and "tokenizer*" in patterns
+    assert not any(p in patterns for p in ("*", "*.bin", "*.pt", "*.msgpack", "*.h5", "*.onnx"))

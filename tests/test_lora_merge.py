@@ -264,3 +264,65 @@ def test_as_lora_refuses_what_no_lora_holds(llama, tmp_path):
     with pytest.raises(CmergeError, match="cannot express the merged change of tensor 'model.norm.weight'"):
         m.export_lora(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_tied_embeddings_absent_or_present_stay_tied(tmp_path, cli):
+    """A tied lm_head absent from the files (tie_word_embeddings) and one saved beside the embedding: the merged
+    model keeps them equal, and loads tied."""
+    torch.manual_seed(1)
+    tiny_llama(tied=True).save_pretrained(str(tmp_path / "base"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert "lm_head.weight" not in base
+    experts = []
+    for i in range(2):
+        d = tmp_path / f"e{i}"
+        helpers.perturbed_copy(tmp_path / "base", d, seed=i)
+        experts.append(d)
+    assert cli("merge", "--base", tmp_path / "base", *experts, "-o", tmp_path / "out", "-q").exit_code == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # the same checkpoints with the shared tensor saved twice (as some tools write them)
+    from safetensors.torch import save_file
+    for d in [tmp_path / "base", *experts]:
+        sd = load_file(str(d / "model.safetensors"))
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert cli("merge", "--base", tmp_path / "base", *experts, "-o", tmp_path / "out2", "-q").exit_code == 0
+    out = load_file(str(tmp_path / "out2" / "model.safetensors"))
+    assert torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])  # one rule, one input: still tied
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out2"))
+    assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+
+
+def test_bf16_in_and_out(tmp_path, cli):
+    torch.manual_seed(2)
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(str(tmp_path / "base"))
+    experts = []
+    for i in range(2):
+        d = tmp_path / f"e{i}"
+        helpers.perturbed_copy(tmp_path / "base", d, seed=i)
+        experts.append(d)
+    assert cli("merge", "--base", tmp_path / "base", *experts, "-o", tmp_path / "out", "-q").exit_code == 0
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    ref = helpers.ref_opcm(base, [load_file(str(e / "model.safetensors")) for e in experts],
+                           {n for n in base if n.endswith("_proj.weight") or n == "lm_head.weight"})[-1]["merged"]
+    assert helpers.max_rel_err({n: out[n] for n in ref}, ref) < 1e-2  # bf16 rounding of the output
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype="auto")
+    assert loaded.dtype == torch.bfloat16
+
+
+def test_an_expert_with_a_grown_vocabulary_is_refused(tmp_path, cli):
+    torch.manual_seed(3)
+    tiny_llama().save_pretrained(str(tmp_path / "base"))
+    grown = tiny_llama()
+    grown.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")).state_dict())
+    grown.resize_token_embeddings(52)
+    grown.save_pretrained(str(tmp_path / "grown"))
+    state = tmp_path / "s"
+    assert cli("init", state, "--base", tmp_path / "base", "-q").exit_code == 0
+    res = cli("add", state, tmp_path / "grown", "-q")
+    helpers.assert_one_sentence_error(res, "has 52 rows in 'lm_head.weight' where the base has 48",
+                                      "its vocabulary grew")

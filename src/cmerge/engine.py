@@ -119,6 +119,11 @@ def check_compatible(plan: Plan, source: TensorSource, what: str) -> None:
         raise CmergeError(f"{what} has tensor {extra[0]!r}{more} that the base model does not have.")
     for name in plan.names:
         m, b = source.meta(name), plan.metas[name]
+        if m.shape != b.shape and len(m.shape) == 2 == len(b.shape) and m.shape[1] == b.shape[1] \
+                and m.shape[0] > b.shape[0]:
+            raise CmergeError(f"{what} has {m.shape[0]} rows in {name!r} where the base has {b.shape[0]}: its "
+                              f"vocabulary grew (resize_token_embeddings); cmerge merges models of one vocabulary, "
+                              f"so merge an expert of the base's vocabulary or shrink it back first.")
         if m.shape != b.shape:
             raise CmergeError(f"{what}: tensor {name!r} has shape {list(m.shape)} but the base's is {list(b.shape)}.")
         if b.dtype.is_floating_point and not m.dtype.is_floating_point:

@@ -42,10 +42,11 @@ log = logging.getLogger("cmerge")
 
 LINEAR = "linear"            # projected (nn.Linear weight, or a 2-D weight by the name rule)
 LINEAR_T = "linear_t"        # projected; transformers Conv1D (in x out layout; SVD is transpose-invariant)
+LINEAR_STACK = "linear_stack"  # projected matrix by matrix: a 3-D stack of experts' linear weights (MoE)
 OTHER = "other"              # identity rule: biases, norms, embeddings, convolutions, ...
 PASSTHROUGH = "passthrough"  # non-floating tensor: copied from the base, never merged
 
-PROJECTED = (LINEAR, LINEAR_T)
+PROJECTED = (LINEAR, LINEAR_T, LINEAR_STACK)
 EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|tok_embeddings|position|token_type|shared\.weight|lm_head|class_embedding)", re.I)
 
 # How a tensor's kind was decided (Classification.routes).
@@ -107,6 +108,7 @@ class _Architecture:
     linear: set[str] = field(default_factory=set)     # parameter names of nn.Linear weights
     linear_t: set[str] = field(default_factory=set)   # of Conv1D weights
     embeddings: set[str] = field(default_factory=set)  # of nn.Embedding weights
+    stacks: set[str] = field(default_factory=set)      # 3-D parameters that stack experts' linear weights
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every parameter's shape
     to_param: Callable[[str], tuple[str, bool]] = lambda key: (key, False)  # key → (param, fused by a converter)
 
@@ -115,6 +117,8 @@ class _Architecture:
         param, fused = self.to_param(key)
         if param not in self.shapes:
             return None
+        if ndim == 3 and param in self.stacks and not fused:
+            return LINEAR_STACK  # a checkpoint that stores the experts stacked, as the model does
         if ndim != 2:
             return OTHER
         if param in self.linear_t:
@@ -124,7 +128,7 @@ class _Architecture:
         return OTHER
 
     def expected(self) -> set[str]:
-        return self.linear | self.linear_t
+        return self.linear | self.linear_t | self.stacks
 
 
 def _build_architecture(folder: Path) -> tuple[_Architecture | None, str | None]:
@@ -178,12 +182,14 @@ def _describe(model: torch.nn.Module) -> _Architecture:
             linear.difference_update(names)
             linear_t.difference_update(names)
     arch.linear, arch.linear_t = linear, linear_t
-    arch.to_param = _key_mapper(model, set(arch.shapes))
+    arch.to_param, targets = _key_mapper(model, set(arch.shapes))
+    arch.stacks = {n for n, shape in arch.shapes.items() if len(shape) == 3 and any(t.search(n) for t in targets)}
     return arch
 
 
-def _key_mapper(model: Any, params: set[str]) -> Callable[[str], tuple[str, bool]]:
-    """checkpoint key → (the model's parameter name, whether a converter fuses it), as transformers loads it."""
+def _key_mapper(model: Any, params: set[str]) -> tuple[Callable[[str], tuple[str, bool]], list[re.Pattern]]:
+    """checkpoint key → (the model's parameter name, whether a converter fuses it), as transformers loads it;
+    and the converters' target patterns (the parameters they build, e.g. stacked experts)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     try:  # transformers 5: the weight-conversion mapping, then the base-model prefix
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -200,17 +206,24 @@ def _key_mapper(model: Any, params: set[str]) -> Callable[[str], tuple[str, bool
                     return cand, False
             return key, False
 
-        return map_v4
+        return map_v4, []
     transforms = get_model_conversion_mapping(model)
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     present = dict.fromkeys(params, True)  # rename_source_key only asks whether a name exists
+    targets = []
+    for conv in converters:
+        for pattern in getattr(conv, "target_patterns", None) or []:
+            try:
+                targets.append(re.compile(re.escape(pattern) + "$" if "*" not in pattern else pattern))
+            except re.error:
+                continue
 
     def map_v5(key: str) -> tuple[str, bool]:
         renamed, pattern = rename_source_key(key, renamings, converters, prefix or None, present)
         return renamed, pattern is not None
 
-    return map_v5
+    return map_v5, targets
 
 
 def checkpoint_keys(keys: Sequence[str], folder: Path | None) -> dict[str, str]:

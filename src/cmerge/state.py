@@ -28,6 +28,7 @@ from .engine import (AccumulatorReader, Plan, StepOptions, check_compatible, ite
 from .errors import CmergeError
 from .export import LoraExport, export_lora, export_merged
 from .fsutil import fsync_dir, is_temporary, locked
+from .io.hub import download, looks_like_hub_id
 from .io import (DEFAULT_SHARD_SIZE, HashingSource, SafetensorsSource, StreamingSafetensorsWriter, TensorSource,
                  base_matches, combine_digests, content_digest, content_hash, describe, dtype_name, open_source,
                  parse_dtype, tensor_digest)
@@ -121,6 +122,8 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
         raise CmergeError("an on-disk merge state needs the base model as a path; use cmerge.Merger for in-memory models.")
     m = get_method(method, **params)
     compute = precision_dtype(precision)
+    if looks_like_hub_id(str(base)):  # a hub id: the local snapshot of its weights, config and tokenizer
+        base = download(str(base))
     base_path = Path(base).resolve()
     src = open_source(base_path)
     metas = {n: src.meta(n) for n in src.keys()}

@@ -296,9 +296,12 @@ def open_source(model: object, description: str | None = None, *, mapped: bool =
     if isinstance(model, Mapping):
         return MappingSource(model, description or "state dict")
     if isinstance(model, (str, os.PathLike)):
+        from .hub import download, looks_like_hub_id
         from .peft import LoraSource, is_adapter
 
         path = Path(model)
+        if looks_like_hub_id(str(model)):
+            path = download(str(model))
         if is_adapter(path):
             if base is None:
                 raise CmergeError(f"{path} is a LoRA adapter; it can only be read against its base model (merge it "

@@ -386,14 +386,22 @@ class DOP(DeltaMethod):
             own = s.tau if s.tau_owned else s.tau.clone()
             new = own.add_(m).mul_(0.5) if self.p["others"] == "pairwise" else own.sub_(m).div_(s.t).add_(m)
             return TensorUpdate({"M": new})
+        if s.tau.ndim == 3:  # a stack of experts' linear weights (MoE): each matrix on its own
+            solved = [self._solve(m[e], s.tau[e]) for e in range(s.tau.shape[0])]
+            return TensorUpdate({"M": torch.stack([x for x, _ in solved])}, note=solved[0][1])
+        x, note = self._solve(m, s.tau)
+        return TensorUpdate({"M": x}, note=note)
+
+    def _solve(self, m: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The new merged task vector of one weight matrix, and (k_1, k_2, c_1, c_2) for the step log."""
         p = self.p
         common = dict(eps=p["svd_epsilon"], proj_space=p["proj_space"])
         sched = dict(steps=p["steps"], alpha=p["alpha"], beta=p["ema_beta"], mgda=p["mgda"], ema=p["ema"])
         if p["solver"] == "adam":
-            x, c, ks = solve_adam(m, s.tau, lr=p["lr"], **common, **sched)
+            x, c, ks = solve_adam(m, tau, lr=p["lr"], **common, **sched)
         else:
-            trips = [top_triplets(t, p["svd_epsilon"]) for t in (m, s.tau)]
-            c = self.fixed_weights or schedule_weights(m, s.tau, triplets=trips, **common, **sched)
-            x = solve_exact(m, s.tau, c, triplets=trips, **common)
+            trips = [top_triplets(t, p["svd_epsilon"]) for t in (m, tau)]
+            c = self.fixed_weights or schedule_weights(m, tau, triplets=trips, **common, **sched)
+            x = solve_exact(m, tau, c, triplets=trips, **common)
             ks = (trips[0][1].numel(), trips[1][1].numel())
-        return TensorUpdate({"M": x}, note=[ks[0], ks[1], round(c[0], 6), round(c[1], 6)])
+        return x, [ks[0], ks[1], round(c[0], 6), round(c[1], 6)]

@@ -137,15 +137,23 @@ class NUFILT(DeltaMethod):
     def elementwise(self, projected: bool) -> bool:
         return not projected  # selected weights need whole-matrix SVDs; the rest is element by element
 
+    def _update(self, name: str, t: int, d: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, list]:
+        p = self.p
+        a0 = adapter_init(p["init_seed"], t, name, p["lora_rank"], tau.shape[1], p["init_std"])
+        new, info = nufilt_update(d, tau, a0, null_rank=p["null_rank"], grad_rank=p["grad_rank"], steps=p["steps"],
+                                  lr=p["lr"])
+        return new, [info["null_rank"], info["grad_rank"], *info["loss"]]
+
     def rule(self, s: TensorStep) -> TensorUpdate:
         p = self.p
         if self.selected(s.name, s.projected):
             if s.t == 1:
                 return TensorUpdate({"M": s.tau}, note=[0, 0])
-            a0 = adapter_init(p["init_seed"], s.t, s.name, p["lora_rank"], s.tau.shape[1], p["init_std"])
-            new, info = nufilt_update(s.acc["M"], s.tau, a0, null_rank=p["null_rank"], grad_rank=p["grad_rank"],
-                                      steps=p["steps"], lr=p["lr"])
-            return TensorUpdate({"M": new}, note=[info["null_rank"], info["grad_rank"], *info["loss"]])
+            if s.tau.ndim == 3:  # a stack of experts' linear weights (MoE): each matrix on its own
+                done = [self._update(f"{s.name}[{e}]", s.t, s.acc["M"][e], s.tau[e]) for e in range(s.tau.shape[0])]
+                return TensorUpdate({"M": torch.stack([x for x, _ in done])}, note=done[0][1])
+            new, note = self._update(s.name, s.t, s.acc["M"], s.tau)
+            return TensorUpdate({"M": new}, note=note)
         if p["others"] == "base":
             return TensorUpdate({"M": torch.zeros_like(s.tau) if s.t == 1 else s.acc["M"]})
         if s.t == 1:

@@ -54,10 +54,8 @@ class OPCM(Method):
         if s.t == 1:
             proj = s.tau
         elif s.projected:
-            proj, k = opcm_project(s.acc["S"], s.tau, self.p["alpha"], keep_diagonal=self.p["keep_diagonal"],
-                                   drop_cross_blocks=self.p["drop_cross_blocks"],
-                                   out=s.tau if s.tau_owned else None)
-            note = [k, min(s.tau.shape)]
+            proj, k = self._project(s.acc["S"], s.tau, s.tau if s.tau_owned else None)
+            note = [k, min(s.tau.shape[-2:])]
         else:
             proj = s.tau
         proj_sq = sq_norm(proj)
@@ -68,6 +66,16 @@ class OPCM(Method):
         else:
             new = s.acc["S"] + proj
         return TensorUpdate({"S": new}, {"proj_sq": proj_sq, "s_sq": sq_norm(new)}, note)
+
+    def _project(self, d: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """P(X) (Eq. 9) of one weight, or of each expert's matrix of a 3-D stack (MoE), with its protected rank
+        (the mean over the experts of a stack)."""
+        opts = dict(keep_diagonal=self.p["keep_diagonal"], drop_cross_blocks=self.p["drop_cross_blocks"])
+        if x.ndim == 2:
+            return opcm_project(d, x, self.p["alpha"], out=out, **opts)
+        out = torch.empty_like(x) if out is None else out
+        ks = [opcm_project(d[e], x[e], self.p["alpha"], out=out[e], **opts)[1] for e in range(x.shape[0])]
+        return out, sum(ks) / len(ks)
 
     def _rule_factored(self, s: TensorStep) -> TensorUpdate:
         """The same rule on factors (docs/methods.md, "OPCM on low-rank task vectors"): the projection of a
