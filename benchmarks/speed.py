@@ -586,11 +586,12 @@ NOTES = """Notes.
 """
 
 
-def write_doc(text: str, doc: Path) -> None:
+def write_doc(text: str, doc: Path, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section between ``begin`` and ``end`` of ``doc`` (or append it)."""
     body = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body and END in body:
-        body = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, body, flags=re.S)
+    block = f"{begin}\n{text}\n{end}"
+    if begin in body and end in body:
+        body = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, body, flags=re.S)
     else:
         body = body.rstrip("\n") + "\n\n" + block + "\n"
     doc.write_text(body)

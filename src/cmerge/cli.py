@@ -130,7 +130,7 @@ strict_layers_opt = click.option("--strict-layers", is_flag=True, default=None,
                                       "config.json cannot be built or does not place all its linear weights.")
 allow_empty_opt = click.option("--allow-empty", is_flag=True, default=None,
                                help="merge a model even if its task vector is zero (identical to the base).")
-dtype_opt = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+dtype_opt = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
                          help="dtype of the exported weights (default: the base's).")
 shard_opt = click.option("--shard-size", default=None, help=f"largest safetensors shard, e.g. 5GB or 500MB "
                                                             f"(default {DEFAULT_SHARD_SIZE}).")

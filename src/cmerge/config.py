@@ -69,7 +69,7 @@ class MergeConfig:
 
 
 _STR_KEYS = ("method", "base", "dtype", "device", "precision", "output")
-_CHOICES = {"dtype": ("float32", "float16", "bfloat16"), "precision": ("float32", "float64")}
+_CHOICES = {"dtype": ("float32", "float16", "bfloat16", "float64"), "precision": ("float32", "float64")}
 
 
 def _where(path: Path, key: str) -> str:

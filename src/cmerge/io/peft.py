@@ -27,7 +27,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -112,11 +112,13 @@ class LoraAdapter:
         return self.config.get("base_model_name_or_path") or None
 
 
-def read_adapter(folder: Path, base: TensorSource, resolve: Mapping[str, str] | None = None) -> LoraAdapter:
+def read_adapter(folder: Path, base: TensorSource,
+                 resolve: Callable[[], Mapping[str, str]] | None = None) -> LoraAdapter:
     """Read and check a PEFT LoRA adapter for ``base``: one sentence for anything wrong.
 
-    ``resolve``: model parameter name → checkpoint key, for bases whose file keys differ
-    from the module names (see ``layers.checkpoint_keys``).
+    ``resolve()``: model parameter name → checkpoint key, for bases whose file keys differ
+    from the module names (see ``layers.checkpoint_keys``); asked for only if a name is not
+    a key of the base.
     """
     folder = Path(folder)
     config = _read_config(folder)
@@ -129,12 +131,14 @@ def read_adapter(folder: Path, base: TensorSource, resolve: Mapping[str, str] | 
     if config.get("use_rslora") and config.get("use_dora"):
         pass  # both compose: DoRA rescales whatever ΔW the scaling gives
     keys = set(base.keys())
-    resolve = dict(resolve or {})
+    mapping: dict[str, str] = {}
 
     def base_key(param: str) -> str | None:
         if param in keys:
             return param
-        return resolve.get(param)
+        if resolve is not None and not mapping:
+            mapping.update(resolve())
+        return mapping.get(param)
 
     adapter = LoraAdapter(folder, config)
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -245,11 +249,11 @@ class LoraSource(TensorSource):
         self.description = f"adapter {folder}"
         self.folder = Path(folder)
         self.base = base
-        resolve = None
-        if base.folder is not None:  # module names are the model's; file keys may differ (transformers 5)
+        def resolve() -> Mapping[str, str]:  # module names are the model's; file keys may differ (transformers 5)
             from ..layers import checkpoint_keys
 
-            resolve = checkpoint_keys(base.keys(), base.folder)
+            return checkpoint_keys(base.keys(), base.folder) if base.folder is not None else {}
+
         self.adapter = read_adapter(self.folder, base, resolve)
         self._meta = {n: base.meta(n) for n in base.keys()}
         self.files = [self.folder / f for f in ADAPTER_FILES if (self.folder / f).exists()]
