@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from .errors import CmergeError
 from .io import TensorMeta, TensorSource, dtype_name, open_source, rows_numel
-from .layers import PASSTHROUGH, is_projected
+from .io.peft import LoraFactors
+from .layers import EMBEDDING_NAME, PASSTHROUGH, is_projected
 from .lowrank import LowRank
 from .methods.base import Method, TensorStep, sq_norm
 
@@ -120,7 +121,7 @@ def check_compatible(plan: Plan, source: TensorSource, what: str) -> None:
     for name in plan.names:
         m, b = source.meta(name), plan.metas[name]
         if m.shape != b.shape and len(m.shape) == 2 == len(b.shape) and m.shape[1] == b.shape[1] \
-                and m.shape[0] > b.shape[0]:
+                and m.shape[0] > b.shape[0] and EMBEDDING_NAME.search(name):
             raise CmergeError(f"{what} has {m.shape[0]} rows in {name!r} where the base has {b.shape[0]}: its "
                               f"vocabulary grew (resize_token_embeddings); cmerge merges models of one vocabulary, "
                               f"so merge an expert of the base's vocabulary or shrink it back first.")
@@ -144,6 +145,11 @@ def plan_factored(method: Method, plan: Plan, incoming: TensorSource, t: int,
     the stacked factors. A dense input on a tensor turns it dense for good.
     """
     width_of = getattr(incoming, "low_rank_width", None)
+    if method.space == "lora":
+        if width_of is None or not hasattr(incoming, "lora_factors"):
+            raise CmergeError(f"method {method.name} merges the factors of LoRA adapters, and {incoming.description} "
+                              f"is not a LoRA adapter.")
+        incoming.check_factors_only(method.name)  # type: ignore[attr-defined]
     if not method.factored or width_of is None:
         return {}
     out = {}
@@ -153,7 +159,7 @@ def plan_factored(method: Method, plan: Plan, incoming: TensorSource, t: int,
         w = width_of(name)
         if w is None or (t > 1 and name not in previous):
             continue
-        out[name] = w if t == 1 else previous[name] + w
+        out[name] = method.factor_width(previous.get(name) if t > 1 else None, w)
     return out
 
 
@@ -379,6 +385,7 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
     extras = dict(extras or {})
     factored = dict(factored or {})
     deltas = bool(getattr(incoming, "deltas", False))
+    lora_space = method.space == "lora"
     for key, src in extras.items():
         check_extra(plan, src, key)
     first = t == 1 or acc is None
@@ -397,7 +404,10 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
         if deltas:  # the task vector itself; the base is read only if a rule asks for it
             if plan.kinds[u.name] == PASSTHROUGH:
                 return None
-            b, x = None, incoming.delta(u.name, u.rows, opt.compute_dtype)  # type: ignore[attr-defined]
+            if lora_space and u.name in factored:
+                b, x = None, incoming.lora_factors(u.name, opt.compute_dtype)  # type: ignore[attr-defined]
+            else:
+                b, x = None, incoming.delta(u.name, u.rows, opt.compute_dtype)  # type: ignore[attr-defined]
         else:
             b, x = base.get(u.name, u.rows), incoming.get(u.name, u.rows)  # read (and hashed) even if passed through
             if plan.kinds[u.name] == PASSTHROUGH:
@@ -427,7 +437,10 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
                 continue
             b, x, accs, ext = item
             del item
-            if deltas:
+            if lora_space and u.name in factored:  # A and B as trained; ‖τ‖ is still that of ΔW = s·B A
+                tau = x if x is not None else LoraFactors.zeros(plan.metas[u.name].shape, opt.compute_dtype)
+                tau_sq = tau.stored().scaled(tau.scale).sq_norm()
+            elif deltas:
                 tau, tau_sq = _given_task_vector(x, plan.metas[u.name], u, u.name in factored, dev, opt.compute_dtype)
                 if not math.isfinite(tau_sq):
                     raise CmergeError(f"{incoming.description}: the task vector of tensor {u.name!r} is not finite in "
@@ -550,7 +563,7 @@ def iter_merged(method: Method, scalars: Mapping[str, Any], plan: Plan, base: Te
                 yield u.name, b
                 continue
             merged = method.merged(b.to(dev, opt.compute_dtype),
-                                   {k: v.to(dev, opt.compute_dtype) for k, v in accs.items()}, scalars)
+                                   {k: v.to(dev, opt.compute_dtype) for k, v in accs.items()}, scalars, name=u.name)
             del b, accs
             out_dtype = dtype or plan.metas[u.name].dtype
             out = merged.to("cpu", out_dtype)

@@ -98,6 +98,38 @@ class LoraModule:
 
 
 @dataclass
+class LoraFactors:
+    """One module's LoRA factors as trained: ΔW = scale · B A in the (out × in) layout, ``transposed`` if the
+    stored weight is ΔWᵀ's layout (fan_in_fan_out, embeddings). For methods that merge A and B themselves."""
+
+    a: torch.Tensor      # r × in
+    b: torch.Tensor      # out × r
+    scale: float
+    transposed: bool
+
+    def stored(self) -> LowRank:
+        """B A (without the scale) as factors in the base tensor's stored layout."""
+        lr = LowRank(self.b, self.a.mT)
+        return lr.transposed() if self.transposed else lr
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, int], dtype: torch.dtype) -> "LoraFactors":
+        """No change to a weight of ``shape`` (rank 0): what an adapter means for a weight it does not touch."""
+        return cls(torch.zeros(0, shape[1], dtype=dtype), torch.zeros(shape[0], 0, dtype=dtype), 1.0, False)
+
+    @staticmethod
+    def unstore(lr: LowRank, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) back from factors in the stored layout (the inverse of :meth:`stored`)."""
+        if transposed:
+            lr = lr.transposed()
+        return lr.right.mT, lr.left
+
+
+@dataclass
 class LoraAdapter:
     """A parsed PEFT adapter: its config, its adapted modules and the whole tensors it saved."""
 
@@ -270,6 +302,25 @@ class LoraSource(TensorSource):
         if mod is None:
             return 0 if len(self._meta[name].shape) == 2 else None
         return None if mod.magnitude is not None else mod.rank
+
+    def lora_factors(self, name: str, dtype: torch.dtype) -> LoraFactors | None:
+        """The factors of the module that moves tensor ``name`` (None where the adapter does not touch it)."""
+        mod = self.adapter.modules.get(name)
+        if mod is None:
+            return None
+        return LoraFactors(mod.a.to(dtype), mod.b.to(dtype), mod.scale, mod.transposed)
+
+    def check_factors_only(self, method: str) -> None:
+        """Refuse an adapter whose change is not A and B alone (DoRA, saved modules), for a method that merges
+        the factors themselves."""
+        for name, mod in self.adapter.modules.items():
+            if mod.magnitude is not None:
+                raise CmergeError(f"method {method} merges LoRA factors, but {self.description} is a DoRA adapter "
+                                  f"(module {mod.name!r}); merge its ΔW with a method that takes task vectors.")
+        if self.adapter.whole:
+            first = sorted(self.adapter.whole)[0]
+            raise CmergeError(f"method {method} merges LoRA factors, but {self.description} also saves whole tensor "
+                              f"{first!r}; merge its ΔW with a method that takes task vectors.")
 
     def delta(self, name: str, rows: slice | None, dtype: torch.dtype,
               device: torch.device | str = "cpu") -> torch.Tensor | LowRank | None:

@@ -12,11 +12,13 @@ from .fisher_merge import FisherMerge
 from .magmax import MagMax
 from .nufilt import NUFILT
 from .opcm import OPCM
+from .opcm_ab import OPCMFactors
+from .slao import SLAO
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (OPCM, Average, TaskArithmetic, Ties, MagMax, FisherMerge, EMA, DOP, NUFILT)}
+    cls.name: cls for cls in (OPCM, Average, TaskArithmetic, Ties, MagMax, FisherMerge, EMA, DOP, NUFILT, OPCMFactors, SLAO)}
 
 
 def register(cls: type[Method]) -> type[Method]:

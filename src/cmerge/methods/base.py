@@ -132,6 +132,9 @@ class Method:
     # the rule takes low-rank task vectors and accumulators as factors (``lowrank.LowRank``) and keeps
     # them factored, exactly: a merge of LoRA adapters then stores O((m + n)·Σ r) per weight, not m·n
     factored: ClassVar[bool] = False
+    # "weights": the rule merges task vectors (θ_t − θ0, or ΔW of an adapter); "lora": it merges LoRA adapters'
+    # factors A and B themselves (its inputs must be LoRA adapters; s.tau is an io.peft.LoraFactors or None)
+    space: ClassVar[str] = "weights"
 
     def __init__(self, **params: Any) -> None:
         self.p = {**{p.name: p.default for p in self.params}, **self.parse_params(params)}
@@ -154,6 +157,11 @@ class Method:
     def initial_scalars(self) -> dict[str, Any]:
         return {}
 
+    def factor_width(self, previous: int | None, incoming: int) -> int:
+        """The width of a factored accumulator after a step: the factors of the previous one stacked with the
+        incoming ones (None: the first step)."""
+        return incoming if previous is None else previous + incoming
+
     def elementwise(self, projected: bool) -> bool:
         """Whether :meth:`rule` acts element by element on a tensor of this kind (``projected``:
         a linear-layer weight), with sums that add up over elements.
@@ -174,15 +182,17 @@ class Method:
         """Global numbers after step ``t`` from the previous ones and the streamed sums."""
         return dict(scalars)
 
-    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
-        """θ_merged for one tensor (or block of rows) from the base tensor and the accumulators, element by element."""
+    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any], *,
+               name: str = "") -> torch.Tensor:
+        """θ_merged for one tensor (or block of rows) from the base tensor and the accumulators, element by element
+        (``name``: the tensor's, for methods whose global numbers hold something per tensor)."""
         raise NotImplementedError  # pragma: no cover
 
-    def merged_delta(self, acc: Mapping[str, Any], scalars: Mapping[str, Any]) -> Any:
+    def merged_delta(self, acc: Mapping[str, Any], scalars: Mapping[str, Any], *, name: str = "") -> Any:
         """θ_merged − θ0 for one tensor: ``merged`` at a zero base (exactly, no subtraction); a method
         that keeps factors (``factored``) returns factors for factored accumulators."""
         first = next(iter(acc.values()))
-        return self.merged(torch.zeros_like(first), acc, scalars)
+        return self.merged(torch.zeros_like(first), acc, scalars, name=name)
 
     def unmerge(self, base: torch.Tensor, merged: torch.Tensor, acc: Mapping[str, torch.Tensor],
                 scalars: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -215,11 +225,12 @@ class DeltaMethod(Method):
     def merged_scale(self) -> float:
         return 1.0
 
-    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
+    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any], *,
+               name: str = "") -> torch.Tensor:
         scale = self.merged_scale()
         return base + acc["M"] if scale == 1.0 else base + scale * acc["M"]
 
-    def merged_delta(self, acc: Mapping[str, Any], scalars: Mapping[str, Any]) -> Any:
+    def merged_delta(self, acc: Mapping[str, Any], scalars: Mapping[str, Any], *, name: str = "") -> Any:
         m, scale = acc["M"], self.merged_scale()
         if scale == 1.0:
             return m

@@ -104,10 +104,11 @@ class OPCM(Method):
             lam = s_norm / mean_norm if mean_norm > 0 and s_norm > 0 else 1.0
         return {"lambda": lam, "norm_sum": norm_sum, "mean_norm": mean_norm, "merged_norm": s_norm / lam}
 
-    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any]) -> torch.Tensor:
+    def merged(self, base: torch.Tensor, acc: Mapping[str, torch.Tensor], scalars: Mapping[str, Any], *,
+               name: str = "") -> torch.Tensor:
         return base + acc["S"] / scalars["lambda"]
 
-    def merged_delta(self, acc: Mapping[str, Any], scalars: Mapping[str, Any]) -> Any:
+    def merged_delta(self, acc: Mapping[str, Any], scalars: Mapping[str, Any], *, name: str = "") -> Any:
         s = acc["S"]
         return s.scaled(1.0 / scalars["lambda"]) if isinstance(s, LowRank) else s / scalars["lambda"]
 
