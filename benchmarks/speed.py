@@ -65,9 +65,21 @@ class Run:
 LOADS: list[float] = []  # 1-minute load average before each process this script starts
 
 
+GNU_TIME = Path("/usr/bin/time")
+
+
 def run(cmd: list[str], env: dict[str, str], check: bool = True) -> Run:
-    """Run ``cmd`` as a fresh process: wall time and that process's own peak RSS."""
+    """Run ``cmd`` as a fresh process: wall time and that process's own peak RSS.
+
+    Linux starts a forked child's peak RSS at its parent's (and keeps it across exec), so a
+    child of this script would report at least this script's own peak. The command is
+    therefore started by GNU time (a small process), which reports its child's peak.
+    """
     LOADS.append(float(open("/proc/loadavg").read().split()[0]))
+    rss_file = None
+    if GNU_TIME.exists():
+        rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"cmerge-rss-{os.getpid()}-{len(LOADS)}"
+        cmd = [str(GNU_TIME), "-f", "%M", "-o", str(rss_file), *map(str, cmd)]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     out = p.stdout.read().decode(errors="replace")
@@ -77,7 +89,11 @@ def run(cmd: list[str], env: dict[str, str], check: bool = True) -> Run:
     p.stdout.close()
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{out[-3000:]}")
-    return Run(wall, usage.ru_maxrss / 1024, out)
+    rss_kb = usage.ru_maxrss
+    if rss_file is not None and rss_file.exists():
+        rss_kb = int(rss_file.read_text().strip().splitlines()[-1])
+        rss_file.unlink()
+    return Run(wall, rss_kb / 1024, out)
 
 
 def last_json(out: str) -> dict:
