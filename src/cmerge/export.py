@@ -19,7 +19,8 @@ import torch
 
 from .engine import Plan
 from .errors import CmergeError
-from .io import DEFAULT_SHARD_SIZE, check_new_folder, parse_dtype, write_model_folder, write_tensor_folder
+from .fsutil import check_new_folder
+from .io import DEFAULT_SHARD_SIZE, parse_dtype, write_model_folder, write_tensor_folder
 from .layers import LINEAR_T, PASSTHROUGH, checkpoint_keys, embedding_weights, is_projected
 from .lowrank import LowRank, factored_svd, truncate
 from .methods import Method

@@ -5,11 +5,14 @@
   the old file or the new one, never a part, whatever instant the process is killed.
 - :func:`locked` takes a lock on a lock file with ``filelock`` (``exclusive`` or shared),
   either failing at once with one sentence or waiting.
+- :func:`new_folder` builds a new folder in ``FOLDER.partial`` and renames it into place, so
+  the folder is absent or complete at any instant.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,3 +80,37 @@ def locked(lock_file: str | os.PathLike, busy: str, *, exclusive: bool = True,
             lock.release()
     finally:
         lock.close()
+
+
+def check_new_folder(folder: Path, what: str = "output folder") -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise CmergeError(f"{folder} already exists and is not empty; choose a new {what}.")
+
+
+@contextmanager
+def new_folder(folder: str | os.PathLike, busy: str, what: str = "output folder") -> Iterator[Path]:
+    """Build ``folder`` in ``FOLDER.partial`` (yielded) and rename it into place when the block ends.
+
+    One process at a time (a lock beside the folder; ``busy`` is the sentence for the others);
+    the ``.partial`` folder of a killed predecessor is removed first; if the block raises, the
+    partial folder is removed and ``folder`` stays absent. A killed process leaves ``folder``
+    absent or whole.
+    """
+    folder = Path(folder)
+    check_new_folder(folder, what)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with locked(folder.parent / f".{folder.name}.cmerge-lock", busy):
+        check_new_folder(folder, what)  # again under the lock: a concurrent writer may have just finished
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed writer's (we hold the lock, so none is running)
+        tmp.mkdir()
+        try:
+            yield tmp
+            fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)

@@ -27,7 +27,7 @@ from .engine import (AccumulatorReader, Plan, StepOptions, check_compatible, ite
                      resolve_extras, run_step)
 from .errors import CmergeError
 from .export import LoraExport, export_lora, export_merged
-from .fsutil import fsync_dir, is_temporary, locked
+from .fsutil import check_new_folder, fsync_dir, is_temporary, locked, new_folder
 from .io.hub import download, looks_like_hub_id
 from .io import (DEFAULT_SHARD_SIZE, HashingSource, SafetensorsSource, StreamingSafetensorsWriter, TensorSource,
                  base_matches, combine_digests, content_digest, content_hash, describe, dtype_name, open_source,
@@ -39,6 +39,7 @@ from .methods import Method, get_method
 from .checks import check_task_vector, global_norm, norm64, precision_dtype
 
 LOCK = ".lock"
+STATE_FOLDER = "folder for the merge state"
 ACCUMULATORS = "accumulators.safetensors"
 
 
@@ -117,7 +118,7 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
     no state (and the next `init` removes its leftovers), never half of one.
     """
     path = Path(path)
-    _check_new_state(path)
+    check_new_folder(path, STATE_FOLDER)
     if not isinstance(base, (str, os.PathLike)):
         raise CmergeError("an on-disk merge state needs the base model as a path; use cmerge.Merger for in-memory models.")
     m = get_method(method, **params)
@@ -145,24 +146,10 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
         tensors={n: TensorRecord(list(metas[n].shape), dtype_name(metas[n].dtype), cls.kinds[n], cls.routes[n])
                  for n in sorted(metas)})
     manifest = Manifest(method=m.name, params=m.p, precision=precision, base=base_record, scalars=m.initial_scalars())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path.parent / f".{path.name}.cmerge-lock", f"another cmerge init is creating {path}; wait for it."):
-        _check_new_state(path)
-        tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed init
-        tmp.mkdir()
+    with new_folder(path, f"another cmerge init is creating {path}; wait for it.", STATE_FOLDER) as tmp:
         (tmp / LOCK).touch()  # part of the state from the start: a refused first `add` then changes no file
         manifest.save(tmp)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
     return State(path)
-
-
-def _check_new_state(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CmergeError(f"{path} already exists and is not empty; choose a new folder for the merge state.")
 
 
 def classify_model(model: str | os.PathLike, project: Sequence[str] = (), no_project: Sequence[str] = (), *,

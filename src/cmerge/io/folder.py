@@ -14,8 +14,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..errors import CmergeError
-from ..fsutil import fsync_dir, locked
+from ..fsutil import new_folder
 from .sources import is_weight_file
 from .writer import Spec, parse_size, write_sharded
 
@@ -39,39 +38,16 @@ def copy_aux_files(src: Path | None, dst: Path, skip: Callable[[Path], bool] = l
     return copied
 
 
-def check_new_folder(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CmergeError(f"{out} already exists and is not empty; choose a new output folder.")
-
-
 def write_tensor_folder(out: str | os.PathLike, tensors: Mapping[str, torch.Tensor], filename: str,
                         files: Mapping[str, str]) -> Path:
-    """A small folder written whole (e.g. a LoRA adapter): one safetensors file and text files,
-    in ``OUT.partial`` renamed into place under the same lock as a model folder."""
+    """A small folder written whole (e.g. a LoRA adapter): one safetensors file and text files."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    check_new_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    busy = f"another cmerge export is writing {out} right now; wait for it to finish or choose another folder."
-    with locked(out.parent / f".{out.name}.cmerge-lock", busy):
-        check_new_folder(out)
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            save_file(dict(tensors), str(tmp / filename), metadata={"format": "pt"})
-            for name, text in files.items():
-                (tmp / name).write_text(text)
-            fsync_dir(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    return out
+    with new_folder(out, _busy(out)) as tmp:
+        save_file(dict(tensors), str(tmp / filename), metadata={"format": "pt"})
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+    return Path(out)
 
 
 def write_model_folder(out: str | os.PathLike, specs: Sequence[Spec], tensors: Iterable[tuple[str, torch.Tensor]], *,
@@ -84,29 +60,16 @@ def write_model_folder(out: str | os.PathLike, specs: Sequence[Spec], tensors: I
     text files (name → content, e.g. the model card), asked for once the tensors are
     written; ``before_commit()``: a last check (raise to abandon the export).
     """
-    out = Path(out)
     max_bytes = parse_size(shard_size)
-    check_new_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    busy = f"another cmerge export is writing {out} right now; wait for it to finish or choose another folder."
-    with locked(out.parent / f".{out.name}.cmerge-lock", busy):
-        check_new_folder(out)  # checked again under the lock: a concurrent export may have just finished
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export (we hold the lock, so none is running)
-        tmp.mkdir()
-        try:
-            write_sharded(tmp, specs, tensors, max_bytes, metadata, background=True)
-            if before_commit is not None:
-                before_commit()
-            copy_aux_files(aux_from, tmp)
-            for name, text in (files() if files is not None else {}).items():
-                (tmp / name).write_text(text)
-            fsync_dir(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    return out
+    with new_folder(out, _busy(out)) as tmp:
+        write_sharded(tmp, specs, tensors, max_bytes, metadata, background=True)
+        if before_commit is not None:
+            before_commit()
+        copy_aux_files(aux_from, tmp)
+        for name, text in (files() if files is not None else {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
+
+
+def _busy(out: str | os.PathLike) -> str:
+    return f"another cmerge export is writing {out} right now; wait for it to finish or choose another folder."
