@@ -24,7 +24,7 @@ from .io import DEFAULT_SHARD_SIZE, parse_dtype, write_model_folder, write_tenso
 from .layers import LINEAR_T, PASSTHROUGH, checkpoint_keys, embedding_weights, is_projected
 from .lowrank import LowRank, factored_svd, truncate
 from .methods import Method
-from .model_card import model_card
+from .model_card import lora_card, model_card
 
 
 def provenance(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,32 +174,3 @@ def _exact(lr: LowRank) -> LowRank:
     """The same matrix as factors of its numerical rank (no zero columns)."""
     u, s, v = factored_svd(lr)
     return LowRank(u * s, v)
-
-
-def lora_card(info: Mapping[str, Any], ranks: Mapping[str, int], errors: Mapping[str, float],
-              rank: int | None) -> str:
-    rows = "\n".join(f"| `{n}` | {errors[n]:.3g} |" for n in sorted(errors))
-    how = ("exact: every module at the numerical rank of its merged task vector" if rank is None else
-           f"truncated to rank {rank} per module: the best rank-{rank} approximation (Eckart-Young) of each merged "
-           f"task vector, with the relative Frobenius error below")
-    return f"""---
-library_name: peft
-tags:
-- merge
-- cmerge
-- continual-merging
-- {info['method']}
----
-
-# Merged LoRA adapter ({info['method']})
-
-The merged task vector of a continual merge made with cmerge, written as one LoRA adapter for
-the base model `{info['base']['path']}` ({how}). Scaling is 1 for every module
-(`lora_alpha` = `r`, per module through `rank_pattern` and `alpha_pattern`).
-
-Merged inputs: {', '.join(s['name'] for s in info['steps'])}.
-
-| tensor | relative error |
-|---|---|
-{rows}
-"""

@@ -1,4 +1,4 @@
-"""The README.md model card written beside an exported merged model."""
+"""The README.md cards written beside an exported merged model and a merged LoRA adapter."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -14,13 +14,7 @@ def model_card(info: Mapping[str, Any], dtype: str) -> str:
         lam = f"{s['lambda']:.4f}" if s.get("lambda") is not None else "–"
         rows.append(f"| {s['t']} | {s['name']} | `{s['sha256']}` | {s['norm']:.4f} | {lam} |")
     projected = "\n".join(f"- `{n}`" for n in info.get("projected", [])) or "- (none)"
-    return f"""---
-tags:
-- merge
-- cmerge
-- continual-merging
-- {info['method']}
----
+    return f"""{_front_matter(info['method'])}
 
 # Merged model ({info['method']})
 
@@ -55,3 +49,30 @@ identity rule (or was passed through unchanged if it is not floating point).
 
 </details>
 """
+
+
+def lora_card(info: Mapping[str, Any], ranks: Mapping[str, int], errors: Mapping[str, float],
+              rank: int | None) -> str:
+    rows = "\n".join(f"| `{n}` | {errors[n]:.3g} |" for n in sorted(errors))
+    how = ("exact: every module at the numerical rank of its merged task vector" if rank is None else
+           f"truncated to rank {rank} per module: the best rank-{rank} approximation (Eckart-Young) of each merged "
+           f"task vector, with the relative Frobenius error below")
+    return f"""{_front_matter(info['method'], library="peft")}
+
+# Merged LoRA adapter ({info['method']})
+
+The merged task vector of a continual merge made with cmerge, written as one LoRA adapter for
+the base model `{info['base']['path']}` ({how}). Scaling is 1 for every module
+(`lora_alpha` = `r`, per module through `rank_pattern` and `alpha_pattern`).
+
+Merged inputs: {', '.join(s['name'] for s in info['steps'])}.
+
+| tensor | relative error |
+|---|---|
+{rows}
+"""
+
+
+def _front_matter(method: str, library: str | None = None) -> str:
+    lib = f"library_name: {library}\n" if library else ""
+    return f"---\n{lib}tags:\n- merge\n- cmerge\n- continual-merging\n- {method}\n---"
