@@ -215,9 +215,9 @@ def test_merger_streams_row_blocks_bit_identical_to_whole_tensors(tiny, method):
         kw = {"extras": {"fisher": tiny["fishers"][i]}} if REGISTRY[method].extra_inputs else extras
         whole.add(e, **kw)
         blocks.add(e, **kw)
-        for a, tensors in whole._acc.data.items():
+        for a, tensors in whole.accumulators.items():
             for n, t in tensors.items():
-                assert torch.equal(t, blocks._acc.data[a][n]), (method, a, n)
+                assert torch.equal(t, blocks.accumulators[a][n]), (method, a, n)
     a, b = whole.state_dict(), blocks.state_dict()
     assert all(torch.allclose(a[n].double(), b[n].double(), rtol=1e-6, atol=0) for n in a)
 

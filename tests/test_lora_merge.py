@@ -99,7 +99,7 @@ def test_opcm_on_adapters_is_exact_and_factored(llama, tmp_path):
     got = state_tensors(tmp_path / "out")
     assert helpers.max_rel_err({n: got[n] for n in ref["merged"]}, ref["merged"]) < 2e-6
     assert st.steps[-1]["lambda"] == pytest.approx(ref["lambda"], rel=1e-6)
-    d = open_state(tmp_path / "s")._accumulators().get_factored("S", "model.layers.0.self_attn.q_proj.weight")
+    d = open_state(tmp_path / "s").accumulators().get_factored("S", "model.layers.0.self_attn.q_proj.weight")
     assert isinstance(d, LowRank) and d.width == 9
 
 

@@ -165,7 +165,7 @@ def test_memory_is_one_tensor_per_tensor(models):
     shapes = []
     for e in exps + exps[:2]:
         merger.add(e)
-        acc = merger._acc.data
+        acc = merger.accumulators
         assert set(acc) == {"M"}
         shapes.append({n: tuple(t.shape) for n, t in acc["M"].items()})
     assert all(s == shapes[0] for s in shapes)

@@ -93,7 +93,7 @@ def test_override_round_trip_and_continue(models, method):
     base, exps, fishers = models
     m = merger_after(models, method)
     before = m.state_dict()
-    accs_before = {a: dict(v) for a, v in m._acc.data.items()}
+    accs_before = {a: dict(v) for a, v in m.accumulators.items()}
     lam_before = dict(m.scalars)
     new = corrections(before)
     m.override(new)
@@ -108,7 +108,7 @@ def test_override_round_trip_and_continue(models, method):
     assert m.scalars == lam_before
     for a in m.method.accumulators:  # accumulators that do not hold the merged model are kept (fisher's F̄)
         if a != m.method.accumulators[0]:
-            assert all(torch.equal(m._acc.data[a][n], accs_before[a][n]) for n in accs_before[a]), a
+            assert all(torch.equal(m.accumulators[a][n], accs_before[a][n]) for n in accs_before[a]), a
 
     # the next add continues from the corrected model: the method's rule from θ' = after
     entry = m.add(exps[2], extras=extras_for(method, fishers, 2))
@@ -211,7 +211,7 @@ def test_override_before_any_step_is_refused(models):
     m = Merger(base, "average")
     with pytest.raises(CmergeError, match="nothing has been merged yet"):
         m.override({"head.weight": base["head.weight"]})
-    assert m.overrides == [] and m.steps == [] and m._acc.data == {}
+    assert m.overrides == [] and m.steps == [] and m.accumulators == {}
     m.add(exps[0])
     assert torch.equal(m.state_dict()["head.weight"], exps[0]["head.weight"])
 

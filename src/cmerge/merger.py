@@ -83,6 +83,12 @@ class Merger:
     def kinds(self) -> Mapping[str, str]:
         return self.plan.kinds
 
+    @property
+    def accumulators(self) -> Mapping[str, Mapping[str, Any]]:
+        """The method's accumulators after the last step: accumulator → tensor name → tensor (or ``LowRank``
+        factors for a factored tensor). For inspection; change the merge only through add() and override()."""
+        return self._acc.data
+
     def _step_options(self, **changes: Any) -> StepOptions:
         return StepOptions(compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype, device=self.device,
                            progress=self.progress, block_elements=self.options.block_elements,

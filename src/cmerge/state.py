@@ -231,7 +231,8 @@ class State:
         if content_hash(base) != self.manifest.base.sha256:
             raise self._changed_base()
 
-    def _accumulators(self) -> AccumulatorReader | None:
+    def accumulators(self) -> AccumulatorReader | None:
+        """A reader of the current generation's accumulators (None before the first step)."""
         gen = self.manifest.generation
         return None if gen is None else DiskAccumulators(self.path / gen / ACCUMULATORS, self.manifest.method,
                                                          self.manifest.factored)
@@ -289,7 +290,7 @@ class State:
                               block_elements=opt.block_elements, read_ahead_bytes=opt.read_ahead_bytes)
             started = time.time()
             try:
-                out = run_step(method, self.manifest.scalars, t, plan, step_base, incoming, self._accumulators(),
+                out = run_step(method, self.manifest.scalars, t, plan, step_base, incoming, self.accumulators(),
                                sink, extras=extra_srcs, factored=factored, options=opt)
                 if not deltas and step_base.digest() != self.manifest.base.sha256:
                     raise self._changed_base()
@@ -344,7 +345,7 @@ class State:
             opt = options or StepOptions()
             opt = StepOptions(compute_dtype=self.compute_dtype, device=device, progress=progress, desc="exporting",
                               block_elements=opt.block_elements, read_ahead_bytes=opt.read_ahead_bytes)
-            tensors = iter_merged(self.method, self.manifest.scalars, self.plan, base, self._accumulators(),
+            tensors = iter_merged(self.method, self.manifest.scalars, self.plan, base, self.accumulators(),
                                   dtype=parse_dtype(dtype) if dtype else None, options=opt)
 
             def base_unchanged() -> None:
@@ -360,7 +361,7 @@ class State:
         exact without ``rank``, else each module's best rank-``rank`` approximation, its error recorded."""
         with self._lock(exclusive=False):
             self._load_for_export()
-            return export_lora(out, self.plan, self.method, self.manifest.scalars, self._accumulators(),
+            return export_lora(out, self.plan, self.method, self.manifest.scalars, self.accumulators(),
                                self.manifest.factored, self.info(), base_folder=self._base_source().folder,
                                rank=rank, dtype=dtype)
 
