@@ -7,6 +7,7 @@ models in order and returns the merged state dict.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -90,9 +91,8 @@ class Merger:
         return self._acc.data
 
     def _step_options(self, **changes: Any) -> StepOptions:
-        return StepOptions(compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype, device=self.device,
-                           progress=self.progress, block_elements=self.options.block_elements,
-                           read_ahead_bytes=self.options.read_ahead_bytes, **changes)
+        return replace(self.options, compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype,
+                       device=self.device, progress=self.progress, **changes)
 
     @property
     def base_norm(self) -> float:

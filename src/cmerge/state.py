@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -284,10 +285,8 @@ class State:
             sink = AccumulatorFile(partial / ACCUMULATORS, plan, method, self.compute_dtype, t, factored)
             deltas = bool(getattr(incoming, "deltas", False))
             step_base = base if deltas else HashingSource(base)  # a delta source reads the base only where needed
-            opt = options or StepOptions()
-            opt = StepOptions(compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype, device=device,
-                              progress=progress, desc=f"step {t}: {name or incoming.description}",
-                              block_elements=opt.block_elements, read_ahead_bytes=opt.read_ahead_bytes)
+            opt = replace(options or StepOptions(), compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype,
+                          device=device, progress=progress, desc=f"step {t}: {name or incoming.description}")
             started = time.time()
             try:
                 out = run_step(method, self.manifest.scalars, t, plan, step_base, incoming, self.accumulators(),
@@ -342,9 +341,8 @@ class State:
         with self._lock(exclusive=False):
             self._load_for_export()
             base = HashingSource(self._base_source())
-            opt = options or StepOptions()
-            opt = StepOptions(compute_dtype=self.compute_dtype, device=device, progress=progress, desc="exporting",
-                              block_elements=opt.block_elements, read_ahead_bytes=opt.read_ahead_bytes)
+            opt = replace(options or StepOptions(), compute_dtype=self.compute_dtype, device=device, progress=progress,
+                          desc="exporting")
             tensors = iter_merged(self.method, self.manifest.scalars, self.plan, base, self.accumulators(),
                                   dtype=parse_dtype(dtype) if dtype else None, options=opt)
 
