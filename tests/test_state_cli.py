@@ -261,11 +261,11 @@ def test_out_of_range_parameters(tiny, tmp_path, cli, args, fragment):
 
 def test_own_method_flags_are_recorded(tiny, tmp_path, cli):
     res = cli("init", tmp_path / "s", "--base", tiny["paths"]["base"], "--keep-diagonal", "--scaling", "sqrt_t",
-              "--drop-cross-blocks", "--norm-average", "projected", "--alpha", "0.25", "-q")
+              "--drop-cross-blocks", "--norm-average", "projected", "--alpha", "0.25", "--kernel", "float32", "-q")
     assert res.exit_code == 0, res.stderr
     assert open_state(tmp_path / "s").manifest.params == {
         "alpha": 0.25, "keep_diagonal": True, "drop_cross_blocks": True, "scaling": "sqrt_t",
-        "norm_average": "projected"}
+        "norm_average": "projected", "kernel": "float32"}
 
 
 def test_tiny_bert_through_the_cli(tmp_path, cli):

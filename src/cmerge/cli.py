@@ -5,6 +5,10 @@ from the registry's declarations, and every value is parsed by the chosen method
 ``Method.parse_params``; a merge may also be described by a YAML file (``--config``,
 config.py), whose values the flags override. Bad input ends in one sentence on stderr
 (``error: ...``) and exit status 2.
+
+Start-up: what only some commands need (the config file reader and its YAML parser, the
+state, the export) is imported inside those commands; the options themselves need only the
+registry's declarations.
 """
 from __future__ import annotations
 
@@ -21,13 +25,9 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .config import MergeConfig, ModelEntry, check_extras, load_config
 from .errors import CmergeError
-from .export import provenance
 from .io import DEFAULT_SHARD_SIZE
-from .manifest import MANIFEST
 from .methods import REGISTRY, get_method_class
-from .state import classify_model, init_state, open_state
 
 
 # ---------------------------------------------------------------- options derived from the registry
@@ -97,12 +97,15 @@ def _extra_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: kwargs.pop(f"extra_{key}", None) for key in _extra_inputs()}
 
 
-def _config(path: Path | None) -> MergeConfig:
+def _config(path: Path | None) -> Any:
+    from .config import MergeConfig, load_config
+
     return load_config(path) if path is not None else MergeConfig()
 
 
-def _resolve(config_path: Path | None, method: str | None, kwargs: dict[str, Any], **flags: Any) -> MergeConfig:
-    """The merge config: the file's (if any), then every flag given on top; parameters checked by the method."""
+def _resolve(config_path: Path | None, method: str | None, kwargs: dict[str, Any], **flags: Any) -> Any:
+    """The merge config (config.MergeConfig): the file's (if any), then every flag given on top; parameters
+    checked by the method."""
     config = _config(config_path)
     method = method or config.method
     if method != config.method:  # the file's parameters belong to its own method
@@ -189,6 +192,8 @@ def main() -> None:
 def init(state: Path, base: Path | None, method: str | None, precision: str | None, project, no_project,
          strict_layers: bool | None, config_path: Path | None, quiet: bool, **kwargs) -> None:
     """Create a merge STATE folder for BASE and a method (nothing merged yet)."""
+    from .state import init_state
+
     cfg = _resolve(config_path, method, kwargs, base=str(base) if base else None, precision=precision,
                    project=tuple(project), no_project=tuple(no_project), strict_layers=strict_layers)
     if cfg.base is None:
@@ -213,6 +218,8 @@ def init(state: Path, base: Path | None, method: str | None, precision: str | No
 def add(state: Path, model: Path, name: str | None, force: bool, allow_empty: bool | None, device: str | None,
         quiet: bool, **kwargs) -> None:
     """Fold MODEL into the merge STATE (one atomic step)."""
+    from .state import open_state
+
     st = open_state(state)
     entry = st.add(model, name=name, force=force, allow_empty=bool(allow_empty), device=device or "cpu",
                    progress=not quiet, extras=_extra_flags(kwargs))
@@ -258,6 +265,8 @@ def _lora_rank(value: str | None) -> int | None:
 def export(state: Path, out: Path, dtype: str | None, shard_size: str | None, as_lora: str | None,
            device: str | None, quiet: bool) -> None:
     """Write the merged model of STATE to the folder OUT (safetensors, config, tokenizer, model card)."""
+    from .state import open_state
+
     st = open_state(state)
     if as_lora is not None:
         click.echo(st.export_lora(out, rank=_lora_rank(as_lora), dtype=dtype).summary())
@@ -276,6 +285,9 @@ def export(state: Path, out: Path, dtype: str | None, shard_size: str | None, as
 def info(state: Path, as_json: bool, tensors: bool, project, no_project) -> None:
     """Show a merge STATE (method, parameters, base, steps with λ_t, norms and hashes, tensor classification),
     or, given a MODEL instead, how its tensors would be classified (--project/--no-project as for init)."""
+    from .manifest import MANIFEST
+    from .state import open_state
+
     if not (state / MANIFEST).exists() and state.exists():
         _model_info(state, as_json, tensors, project, no_project)
         return
@@ -312,6 +324,8 @@ def _list_tensors(kinds: dict[str, str], routes: dict[str, str], factored: dict[
 
 def _model_info(model: Path, as_json: bool, tensors: bool, project, no_project) -> None:
     """The classification a merge of MODEL as its base would use."""
+    from .state import classify_model
+
     cls = classify_model(model, project, no_project)
     if as_json:
         click.echo(json.dumps({"model": str(model), "classified_by": cls.how, "architecture": cls.architecture,
@@ -363,6 +377,10 @@ def methods() -> None:
 def merge(models, base, out, method, shuffle, seed, state_dir, precision, project, no_project, strict_layers,
           allow_empty, dry_run, list_tensors, dtype, shard_size, device, config_path, quiet, **kwargs) -> None:
     """Merge MODELS into BASE one at a time (init + add each + export); or the merge a --config file describes."""
+    from .config import ModelEntry, check_extras
+    from .export import provenance
+    from .state import classify_model, init_state
+
     extras = _extra_flags(kwargs)
     entries = tuple(ModelEntry(str(m)) for m in models)
     given = {k: list(v) for k, v in extras.items() if v}

@@ -45,6 +45,9 @@ BLOCK_ELEMENTS = 1 << 22
 READ_AHEAD_BYTES = 1 << 26
 # After a whole tensor at least this large, freed heap memory is given back (`trim_heap`).
 TRIM_ELEMENTS = 1 << 24
+# Consecutive same-shape projected weights handed to a method's batched rule at once on a GPU
+# (StepOptions.batch left unset); on the CPU the default is 1, the per-tensor path.
+CUDA_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,15 @@ class StepOptions:
     ``block_elements``: tensors larger than this go through element-wise rules in blocks of
     rows of about this many elements; ``read_ahead_bytes``: how far the reading thread may
     run ahead of the computation.
+
+    ``batch``: up to this many projected weights of one shape, consecutive among the projected
+    weights in the plan's order, go through the method's batched rule (``rule_batch``, e.g.
+    OPCM's batched projection) at once, while the other tensors go through one by one past
+    them; None: `CUDA_BATCH` on a CUDA device, 1 (the per-tensor path) elsewhere. A step then
+    holds up to ``batch`` weights' task vectors and accumulators (and the rule's work arrays
+    for all of them) instead of one, still never a model and never more as models are added;
+    reads still run ahead by at most ``read_ahead_bytes``. Results equal the per-tensor
+    path's to rounding (sums and products add in another order), not bit for bit.
     """
 
     compute_dtype: torch.dtype = torch.float32
@@ -78,6 +90,14 @@ class StepOptions:
     desc: str = "merging"
     block_elements: int = BLOCK_ELEMENTS
     read_ahead_bytes: int = READ_AHEAD_BYTES
+    batch: int | None = None
+
+
+def batch_size(options: StepOptions, device: torch.device) -> int:
+    """How many same-shape projected weights go through a batched rule at once (see StepOptions.batch)."""
+    if options.batch is not None:
+        return max(1, int(options.batch))
+    return CUDA_BATCH if device.type == "cuda" else 1
 
 
 class AccumulatorReader(Protocol):
@@ -427,6 +447,39 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
 
     sums: dict[str, float] = {"tau_sq": 0.0}
     notes: dict[str, Any] = {}
+    batch = batch_size(opt, dev)
+    rule_batch = getattr(method, "rule_batch", None) if batch > 1 else None
+    group: list[tuple[Unit, float, TensorStep]] = []  # consecutive same-shape projected weights, for rule_batch
+
+    def batched(u: Unit, step: TensorStep) -> bool:
+        return (rule_batch is not None and u.rows is None and step.projected and not first and not lora_space
+                and u.name not in factored and isinstance(step.tau, torch.Tensor) and step.tau.ndim == 2)
+
+    def store(u: Unit, tau_sq: float, update: Any) -> None:
+        sums["tau_sq"] += tau_sq
+        for k, v in update.sums.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if update.note is not None:
+            notes[u.name] = update.note
+        for a in method.accumulators:
+            new = _stored(update.acc[a], factored.get(u.name), opt.acc_dtype)
+            if not (new.isfinite() if isinstance(new, LowRank) else all_finite(new)):
+                raise CmergeError(f"merging {incoming.description} would store NaN or Inf in tensor {u.name!r} "
+                                  f"({method.name}'s {a}, {dtype_name(opt.acc_dtype)}); nothing was changed.")
+            sink.put(a, u.name, new, u.rows)
+
+    def flush() -> None:
+        steps = [st for _, _, st in group]
+        updates = rule_batch(steps) if len(steps) > 1 else [method.rule(steps[0])]  # type: ignore[misc]
+        del steps
+        for (u, tau_sq, _), update in zip(group, updates):
+            store(u, tau_sq, update)
+        big = any(plan.metas[u.name].numel >= TRIM_ELEMENTS for u, _, _ in group)
+        group.clear()
+        del updates
+        if big:
+            trim_heap()
+
     bar = tqdm(total=len(plan.metas), desc=opt.desc, unit="tensor", disable=not opt.progress, leave=False)
     try:
         for u, item in ReadAhead(read, units(plan, streamed, opt.block_elements), size=unit_bytes,
@@ -457,23 +510,23 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
                               load_base=functools.partial(_base_again, base, u, dev, opt.compute_dtype),
                               extra={k: v.to(dev, opt.compute_dtype) for k, v in ext.items()},
                               extra_meta={k: src.metadata for k, src in extras.items()}, tau_owned=True)
-            update = method.rule(step)
-            sums["tau_sq"] += tau_sq
-            for k, v in update.sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if update.note is not None:
-                notes[u.name] = update.note
-            for a in method.accumulators:
-                new = _stored(update.acc[a], factored.get(u.name), opt.acc_dtype)
-                if not (new.isfinite() if isinstance(new, LowRank) else all_finite(new)):
-                    raise CmergeError(f"merging {incoming.description} would store NaN or Inf in tensor {u.name!r} "
-                                      f"({method.name}'s {a}, {dtype_name(opt.acc_dtype)}); nothing was changed.")
-                sink.put(a, u.name, new, u.rows)
+            if batched(u, step):  # held until the group is full or a projected weight of another shape comes
+                if group and (group[0][2].tau.shape != step.tau.shape or len(group) >= batch):
+                    flush()
+                group.append((u, tau_sq, step))
+                del tau, step, accs, ext
+                continue
+            update = method.rule(step)  # anything else goes through at once, past a pending group
+            store(u, tau_sq, update)
             del tau, step, update, accs, ext  # freed before the next tensor arrives, not after
             if u.rows is None and plan.metas[u.name].numel >= TRIM_ELEMENTS:
                 trim_heap()
+        if group:
+            flush()
     finally:
         bar.close()
+    if batch > 1:  # a group's notes came after the tensors that went past it: back in the plan's order
+        notes = {n: notes[n] for n in plan.names if n in notes}
     what = f"merging {incoming.description}"
     for k, v in sums.items():
         if not math.isfinite(v):

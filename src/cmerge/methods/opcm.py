@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..linalg import opcm_project
+from ..linalg import KERNELS, opcm_project, opcm_project_batched
 from ..lowrank import LowRank, opcm_project_lowrank
 from .base import Method, Param, TensorStep, TensorUpdate, sq_norm
 
@@ -36,6 +36,10 @@ class OPCM(Method):
               "'sqrt_t' = √t (Sec. 4, Theorem 5.2).", ("adaptive", "sqrt_t")),
         Param("norm_average", str, "raw", "norms averaged in N̄_t: 'raw' ‖τ_i‖ (Eq. 10, reference code) or "
               "'projected' ‖P(τ_i)‖ (Algorithm 1, line 13).", ("raw", "projected")),
+        Param("kernel", str, "float64", "arithmetic of the projection: 'float64' exact (a float64 reference to float64 "
+              "rounding); 'float32' keeps the float64 eigendecomposition of the r × r Gram matrix and does the three "
+              "large products in float32 (~1e-7 relative, below the reference code's float32 error; docs/methods.md, "
+              "Kernels).", KERNELS),
     )
     accumulators = ("S",)
 
@@ -67,10 +71,27 @@ class OPCM(Method):
             new = s.acc["S"] + proj
         return TensorUpdate({"S": new}, {"proj_sq": proj_sq, "s_sq": sq_norm(new)}, note)
 
+    def rule_batch(self, steps: list[TensorStep]) -> list[TensorUpdate]:
+        """`rule` for consecutive projected 2-D weights of one shape at once (the engine's batched path for GPUs):
+        one batched projection (``linalg.opcm_project_batched``), then each weight's update as in `rule`."""
+        if any(s.t == 1 or not s.projected or isinstance(s.tau, LowRank) or s.tau.ndim != 2 for s in steps):
+            return [self.rule(s) for s in steps]
+        x = torch.stack([s.tau for s in steps])
+        proj, ks = opcm_project_batched(torch.stack([s.acc["S"] for s in steps]), x, self.p["alpha"], out=x,
+                                        keep_diagonal=self.p["keep_diagonal"],
+                                        drop_cross_blocks=self.p["drop_cross_blocks"], kernel=self.p["kernel"])
+        updates = []
+        for p, k, s in zip(proj, ks, steps):
+            proj_sq = sq_norm(p)
+            new = p.add_(s.acc["S"])
+            updates.append(TensorUpdate({"S": new}, {"proj_sq": proj_sq, "s_sq": sq_norm(new)}, [k, min(p.shape)]))
+        return updates
+
     def _project(self, d: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         """P(X) (Eq. 9) of one weight, or of each expert's matrix of a 3-D stack (MoE), with its protected rank
         (the mean over the experts of a stack)."""
-        opts = dict(keep_diagonal=self.p["keep_diagonal"], drop_cross_blocks=self.p["drop_cross_blocks"])
+        opts = dict(keep_diagonal=self.p["keep_diagonal"], drop_cross_blocks=self.p["drop_cross_blocks"],
+                    kernel=self.p["kernel"])
         if x.ndim == 2:
             return opcm_project(d, x, self.p["alpha"], out=out, **opts)
         out = torch.empty_like(x) if out is None else out
