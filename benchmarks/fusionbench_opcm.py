@@ -76,10 +76,14 @@ tar -x -C DIR``) with the repository's virtualenv, to compare revisions.
 Every cmerge variant is expected to agree; the exit status is 1 if one does not (nothing
 is checked with ``--class-embedding perturbed``), 2 on a usage or environment error.
 
-Timing (``--time 2,3,...``, FusionBench only, float32): FusionBench keeps no state between
-runs, so the t-th arrival means a fresh ``run()`` over the base and the first t experts;
-each t is its own worker process, timed from modelpool creation to the end of ``run()``
-(import excluded), with FusionBench's own profiler split into loading and merging.
+Timing (``--time 2,3,...``, float32 models): FusionBench keeps no state between runs, so
+the t-th arrival means a fresh ``run()`` over the base and the first t experts; each t is
+its own worker process, timed as a whole process and from modelpool creation to the end
+of ``run()`` (import excluded), with FusionBench's own profiler split into loading and
+merging. Beside it, `cmerge add` of expert t to a state holding 1..t − 1 (one step, a
+whole process) for each of ``--kernels``; after the last t the two merged models are
+compared as above (cmerge's export in the models' float32). A fit c + (t − 1)·step of
+FusionBench's times extrapolates to t = 8 when fewer arrivals were timed.
 """
 from __future__ import annotations
 
@@ -412,6 +416,8 @@ def main() -> int:
     ap.add_argument("--time", default=None, metavar="T,T,...",
                     help="timing mode: time FusionBench's run() for these arrivals t (e.g. 2,3 or 2-8), "
                          "float32, and skip the comparison")
+    ap.add_argument("--kernels", default="float64,float32",
+                    help="timing mode: cmerge's OPCM kernels timed beside FusionBench (default float64,float32)")
     ap.add_argument("--workdir", default=None, help="where models and outputs go (default: a temporary "
                     "folder for tiny, .cache/fusionbench for b)")
     ap.add_argument("--keep", action="store_true", help="keep the models and merged outputs")
@@ -464,6 +470,8 @@ def arch_of(a: argparse.Namespace) -> str:
 
 
 def timing(a: argparse.Namespace, work: Path, variants: list[str]) -> int:
+    """FusionBench's cost of the t-th arrival (a fresh run() over experts 1..t) beside `cmerge add`'s (one step),
+    both float32 data on the same models, one thread each; then the two merged models after the last t compared."""
     steps: list[int] = []
     for part in a.time.split(","):
         lo, _, hi = part.partition("-")
@@ -471,23 +479,69 @@ def timing(a: argparse.Namespace, work: Path, variants: list[str]) -> int:
     if not steps or min(steps) < 2:
         print("--time: arrivals t ≥ 2", file=sys.stderr)
         return 2
+    kernels = [k for k in a.kernels.split(",") if k]
     t0 = time.perf_counter()
     folders = build_models(a.models, max(steps), work / f"{a.models}-models", a.class_embedding)
     print(f"models: {a.models} ({arch_of(a)}), built/checked in {time.perf_counter() - t0:.1f} s, under {work}")
-    print(f"FusionBench OPCMForCLIP.run(), float32, α = {a.alpha}, diagonal {a.diagonal}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1 (set here)')}; each t is a fresh run over "
-          f"the base and experts 1..t (no state is kept between runs)")
-    print(f"{'t':>3} {'run() s':>9} {'loading s':>10} {'merging s':>10} {'merging s / step':>17}")
+    print(f"α = {a.alpha}, diagonal {a.diagonal}, float32 models, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', '1 (set here)')} on both sides. FusionBench OPCMForCLIP.run(): each t "
+          f"is a fresh process over the base and experts 1..t (no state is kept between runs); cmerge: one `cmerge "
+          f"add` of expert t to the state after t − 1 (a fresh process; kernels {', '.join(kernels)})")
+    cm = cmerge_chains(a, folders, max(steps), kernels, work)
+    last = max(steps)
+    head = f"{'t':>3} {'load':>5} {'FB process s':>13} {'run() s':>9} {'loading s':>10} {'merging s':>10} {'s / step':>9}"
+    print(head + "".join(f" {'cmerge add ' + k + ' s':>22}" for k in kernels), flush=True)
+    fb: dict[int, float] = {}
     for t in steps:
+        load = float(open("/proc/loadavg").read().split()[0])
         spec = dict(base=str(folders[0]), models=[str(f) for f in folders[1:t + 1]], alpha=a.alpha,
-                    diagonal=a.diagonal, dtype="float32", arch=arch_of(a), out=None)
+                    diagonal=a.diagonal, dtype="float32", arch=arch_of(a),
+                    out=str(work / "fb-time-merged.safetensors") if t == last else None)
+        t1 = time.perf_counter()
         r = run_fb(a, spec, work, f"time-t{t}")
+        fb[t] = time.perf_counter() - t1
         prof = r["profile_s"]
         merging = prof.get("merging model", float("nan"))
-        print(f"{t:>3} {r['wall_s']:>9.2f} {prof.get('loading model', float('nan')):>10.2f} "
-              f"{merging:>10.2f} {merging / (t - 1):>17.2f}", flush=True)
+        print(f"{t:>3} {load:>5.1f} {fb[t]:>13.1f} {r['wall_s']:>9.1f} {prof.get('loading model', float('nan')):>10.2f} "
+              f"{merging:>10.1f} {merging / (t - 1):>9.1f}" + "".join(f" {cm[k][t]:>22.2f}" for k in kernels),
+              flush=True)
     print(f"(fusion-bench {r['fusion_bench']}, transformers {r['transformers']}, torch {r['torch']})")
+    if len(fb) >= 2:  # the t-th arrival merges t − 1 steps again: cost ≈ c + (t − 1)·step
+        ts = sorted(fb)
+        step = (fb[ts[-1]] - fb[ts[0]]) / (ts[-1] - ts[0])
+        c = fb[ts[0]] - (ts[0] - 1) * step
+        print(f"FusionBench fit over t = {ts[0]}..{ts[-1]}: ≈ {c:.0f} s + (t − 1) × {step:.0f} s per arrival; "
+              + ", ".join(f"t = {t}: ≈ {c + (t - 1) * step:.0f} s" for t in range(ts[-1] + 1, 9)))
+    ref = load_tensors(work / "fb-time-merged.safetensors")
+    base = load_tensors(folders[0])
+    for k in kernels:
+        out = work / f"cmerge-time-{k}-export"
+        shutil.rmtree(out, ignore_errors=True)
+        run_cmerge(["export", str(work / f"cmerge-time-{k}"), str(out), "-q"])
+        by_kind, overall, _ = compare(base, ref, load_tensors(out))
+        worst = max([overall, *by_kind.values()])
+        kinds = ", ".join(f"{kind} {x:.2e}" for kind, x in sorted(by_kind.items()))
+        print(f"merged after t = {last}, cmerge kernel {k} vs FusionBench (float32): {kinds}; overall {overall:.2e}; "
+              f"worst {worst:.2e} vs tol {a.tol32:g}: {'AGREES' if worst <= a.tol32 else 'DIFFERS'}")
+        shutil.rmtree(out, ignore_errors=True)
     return 0
+
+
+def cmerge_chains(a: argparse.Namespace, folders: list[Path], last: int, kernels: list[str],
+                  work: Path) -> dict[str, dict[int, float]]:
+    """Per kernel, a state with experts 1..last added one `cmerge add` at a time; the wall time of each add."""
+    out: dict[str, dict[int, float]] = {}
+    for k in kernels:
+        state = work / f"cmerge-time-{k}"
+        shutil.rmtree(state, ignore_errors=True)
+        flags = ["--alpha", repr(a.alpha), "--kernel", k] + (["--keep-diagonal"] if a.diagonal == "keep" else [])
+        run_cmerge(["init", str(state), "--base", str(folders[0]), "--method", "opcm", "-q", *flags])
+        out[k] = {}
+        for t in range(1, last + 1):
+            t1 = time.perf_counter()
+            run_cmerge(["add", str(state), str(folders[t]), "-q"])
+            out[k][t] = time.perf_counter() - t1
+    return out
 
 
 def comparison(a: argparse.Namespace, work: Path, variants: list[str]) -> int:

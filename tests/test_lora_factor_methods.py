@@ -2,7 +2,6 @@
 written here from the papers' rules (docs/methods.md), on adapters made with peft."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

@@ -8,7 +8,6 @@ compared with the whole-tensor path of the same code and with float64 references
 """
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
