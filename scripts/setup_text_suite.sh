@@ -4,6 +4,7 @@
 #   scripts/setup_text_suite.sh            as root: install what is missing; otherwise:
 #                                          print the commands that would, and exit 1
 #   scripts/setup_text_suite.sh --dry-run  only print what is missing (any user)
+#   scripts/setup_text_suite.sh --list     print every Debian package the suite reads, one per line
 #
 # Quiet and exit 0 when everything is in place, so it is safe to run before every job.
 #
@@ -14,18 +15,29 @@
 #   with `dpkg-deb -x` into the R library folder cmerge reads: $CMERGE_R_LIBRARY, else
 #   ${CMERGE_CACHE:-~/.cache/cmerge}/debian/usr/lib/R/site-library. Run Python with the
 #   same CMERGE_CACHE / CMERGE_R_LIBRARY (and HOME) as this script.
+#
+# The package lists are not written here: they come from src/cmerge/suites/sources/packages.py
+# (run with python3; standard library only), the same list cmerge's error messages name.
 set -eu
 
-APT_PACKAGES="wordnet-base fortunes fortunes-min fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-pl fortunes-cs fortunes-eo unicode-data"
-R_PACKAGES="janeaustenr modeldata tidytext"   # Debian names: r-cran-<name>
+PACKAGES_PY="$(dirname "$0")/../src/cmerge/suites/sources/packages.py"
+read_list() {
+    python3 "$PACKAGES_PY" "$1" || {
+        echo "setup_text_suite: cannot read the package list from $PACKAGES_PY (needs python3)" >&2
+        exit 2
+    }
+}
+APT_PACKAGES="$(read_list apt)"
+R_PACKAGES="$(read_list r)"   # Debian names: r-cran-<name>
 CACHE_ROOT="${CMERGE_CACHE:-${HOME:-/root}/.cache/cmerge}"
 R_LIBRARY="${CMERGE_R_LIBRARY:-$CACHE_ROOT/debian/usr/lib/R/site-library}"
 
 dry_run=0
 case "${1:-}" in
     --dry-run) dry_run=1 ;;
+    --list) read_list all | tr ' ' '\n'; exit 0 ;;
     "") ;;
-    *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--dry-run|--list]" >&2; exit 2 ;;
 esac
 
 installed() {

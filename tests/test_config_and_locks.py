@@ -14,7 +14,7 @@ from cmerge import Merger, init_state
 from cmerge.config import MergeConfig, ModelEntry, dump_config, load_config
 from cmerge.engine import StepOptions
 from cmerge.errors import CmergeError
-from cmerge.fsutil import locked
+from cmerge.fsutil import cached_folder, locked
 from cmerge.methods import REGISTRY
 
 
@@ -247,3 +247,32 @@ def test_fisher_merge_streams_both_accumulators_by_rows(tiny, tmp_path, monkeypa
     a = open_source(next((tmp_path / "b").glob("gen-*/accumulators.safetensors")))
     b = open_source(next((tmp_path / "w").glob("gen-*/accumulators.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a.get(n), b.get(n)) for n in a.keys())
+
+
+def test_cached_folder_builds_once_and_a_failed_build_leaves_nothing(tmp_path):
+    calls = []
+
+    def build(tmp):
+        calls.append(tmp.name)
+        (tmp / "x").write_text("1")
+
+    def ready(folder):
+        return (folder / "x").is_file()
+
+    target = tmp_path / "cache" / "entry"
+    assert cached_folder(target, build, ready) == target and (target / "x").read_text() == "1"
+    assert cached_folder(target, build, ready) == target
+    assert calls == ["entry.partial"]  # built once, in the partial folder
+
+    def broken(tmp):
+        (tmp / "half").write_text("")
+        raise RuntimeError("killed")
+
+    other = tmp_path / "cache" / "other"
+    with pytest.raises(RuntimeError):
+        cached_folder(other, broken, ready)
+    assert not other.exists() and not other.with_name("other.partial").exists()
+    (other / "stale").parent.mkdir(parents=True)  # an entry of an older format: removed and rebuilt
+    (other / "stale").write_text("")
+    cached_folder(other, build, ready)
+    assert sorted(p.name for p in other.iterdir()) == ["x"]

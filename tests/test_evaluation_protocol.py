@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from cmerge.evaluation import TaskResult
-from cmerge.evaluation.commands import report_command, similarity_command
+from cmerge.cli import main
 from cmerge.evaluation.report import write_report
 from cmerge.evaluation.results import add_sweep, combine_results, load_results, save_results
 from cmerge.evaluation.runner import run_continual, similarity_block
@@ -149,7 +149,7 @@ def test_json_round_trip_and_report_command(results, tmp_path):
     loaded = load_results(path)
     assert loaded["methods"]["opcm"]["matrices"] == results["methods"]["opcm"]["matrices"]
     out = tmp_path / "rendered"
-    run = CliRunner().invoke(report_command, [str(path), "-o", str(out)])
+    run = CliRunner().invoke(main, ["report", str(path), "-o", str(out)])
     assert run.exit_code == 0, run.output
     _assert_png(out / "accuracy_vs_tasks.png")
     assert (out / "table.md").exists()
@@ -158,9 +158,9 @@ def test_json_round_trip_and_report_command(results, tmp_path):
 def test_report_command_bad_input_exits_2(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"tasks": ["a"]}))
-    run = CliRunner().invoke(report_command, [str(bad), "-o", str(tmp_path / "out")])
+    run = CliRunner().invoke(main, ["report", str(bad), "-o", str(tmp_path / "out")])
     assert run.exit_code == 2
-    assert "methods" in run.output
+    assert run.output.startswith("error: ") and "methods" in run.output
     assert not (tmp_path / "out").exists()
 
 
@@ -170,18 +170,18 @@ def test_similarity_command(suite, tmp_path):
         paths.append(tmp_path / f"{name}.pt")
         torch.save(sd, paths[-1])
     heatmap = tmp_path / "heatmap.png"
-    run = CliRunner().invoke(similarity_command, [*map(str, paths), "-o", str(heatmap), "--json"])
+    run = CliRunner().invoke(main, ["similarity", *map(str, paths), "-o", str(heatmap), "--json"])
     assert run.exit_code == 0, run.output
     _assert_png(heatmap)
     matrix = json.loads(run.stdout)
     want = cosine_similarity_matrix(suite.base, [suite.experts[t] for t in suite.tasks])
     np.testing.assert_allclose(np.array(matrix), want, atol=1e-12)
 
-    named = CliRunner().invoke(similarity_command, [*map(str, paths[:3]), "--json", "--names", "x,y"])
+    named = CliRunner().invoke(main, ["similarity", *map(str, paths[:3]), "--json", "--names", "x,y"])
     assert named.exit_code == 0 and len(json.loads(named.stdout)) == 2
-    wrong = CliRunner().invoke(similarity_command, [*map(str, paths[:3]), "--json", "--names", "x"])
+    wrong = CliRunner().invoke(main, ["similarity", *map(str, paths[:3]), "--json", "--names", "x"])
     assert wrong.exit_code == 2
-    neither = CliRunner().invoke(similarity_command, list(map(str, paths[:3])))
+    neither = CliRunner().invoke(main, ["similarity", *map(str, paths[:3])])
     assert neither.exit_code == 2
-    missing = CliRunner().invoke(similarity_command, [str(paths[0]), str(tmp_path / "nope.pt"), "--json"])
+    missing = CliRunner().invoke(main, ["similarity", str(paths[0]), str(tmp_path / "nope.pt"), "--json"])
     assert missing.exit_code == 2 and "does not exist" in missing.output

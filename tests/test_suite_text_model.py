@@ -35,7 +35,11 @@ class FakeTask:
     labels: list
     descriptions: list
     train: list
+    validation: list
     test: list
+
+    def split(self, name):
+        return getattr(self, name)
 
 
 def _examples(groups: list[list[str]], n: int, seed: int) -> list[tuple[str, int]]:
@@ -52,7 +56,7 @@ def _examples(groups: list[list[str]], n: int, seed: int) -> list[tuple[str, int
 
 def _task(name: str, groups: list[list[str]], seed: int) -> FakeTask:
     return FakeTask(name, [g[0] for g in groups], [f"the {g[0]}" for g in groups],
-                    _examples(groups, 96, seed), _examples(groups, 40, seed + 1))
+                    _examples(groups, 96, seed), _examples(groups, 30, seed + 2), _examples(groups, 40, seed + 1))
 
 
 COLORS = _task("colors", [["red", "green"], ["blue", "sun"]], 0)
@@ -260,6 +264,47 @@ def test_train_expert_writes_a_loadable_cached_folder(loaded, tmp_path, monkeypa
     assert other != folder and is_expert(other)
 
 
+def test_runs_sharing_the_cache_split_the_missing_experts(loaded, tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    import cmerge.suites.experts as experts_mod
+
+    model, tokenizer, base_folder = loaded
+    recipe = replace(FAST, steps=2)
+    folders = {t.name: experts_mod.expert_dir(tmp_path, t.name, expert_key(recipe, t, bb.base_fingerprint(base_folder)))
+               for t in TASKS.values()}
+    trained = []
+
+    def fake_train(backbone, tok, base, task, rec, *, cache_dir=None, progress=True):
+        folder = folders[task.name]
+        if not is_expert(folder):
+            trained.append(task.name)
+            finish(folder)
+        return folder
+
+    def finish(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in ("model.safetensors", "exp_avg_sq.safetensors", "recipe.json"):
+            (folder / f).write_text("x")
+
+    monkeypatch.setattr(experts_mod, "train_expert", fake_train)
+    folders["colors"].parent.mkdir(parents=True)
+    other = open(folders["colors"].with_name(folders["colors"].name + ".lock"), "a")
+    fcntl.flock(other, fcntl.LOCK_EX)   # "another run" is training the colors expert
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("folders", experts_mod.build_experts(
+        model, tokenizer, base_folder, TASKS.values(), recipe, cache_dir=tmp_path, progress=False)))
+    worker.start()
+    worker.join(timeout=2.0)
+    assert worker.is_alive() and trained == ["animals"]   # trained the free one, waits for the held one
+    finish(folders["colors"])
+    fcntl.flock(other, fcntl.LOCK_UN)
+    other.close()
+    worker.join(timeout=30.0)
+    assert not worker.is_alive() and trained == ["animals"] and out["folders"] == folders
+
+
 def f_tensor(folder, name):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         return f.get_tensor(name)
@@ -287,6 +332,27 @@ def test_evaluator_scores_like_the_plain_forward(loaded):
         assert results[name].accuracy == pytest.approx(acc, abs=1e-6)
         assert results[name].loss == pytest.approx(loss, rel=1e-4)
     assert evaluator.task_evaluations == 2 and evaluator.seconds_per_task > 0
+
+
+def test_evaluator_scores_the_chosen_split_and_side_by_side_alike(loaded):
+    model, tokenizer, _ = loaded
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    serial = TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16, split="validation")
+    side = TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16, split="validation", workers=2)
+    for name, task in TASKS.items():
+        head = zero_shot_head(model, tokenizer, task.descriptions, 16)
+        logits = cosine_logits(_encode(model, tokenizer, [t for t, _ in task.validation]), head)
+        want = (logits.argmax(-1) == torch.tensor([y for _, y in task.validation])).float().mean().item()
+        assert serial.evaluate(state, [name])[name].accuracy == pytest.approx(want, abs=1e-6)
+    torch.set_num_threads(1)
+    assert serial.evaluate(state, ["animals", "colors"]) == side.evaluate(state, ["animals", "colors"])
+    assert list(side.evaluate(state, ["colors", "animals"])) == ["colors", "animals"]
+    assert torch.get_num_threads() == 1   # restored after the side-by-side scoring
+    test = TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16)
+    assert test.split == "test" and test.evaluate(state, ["colors"]) != serial.evaluate(state, ["colors"])
+    for bad, match in (({"split": "train"}, "not 'train'"), ({"workers": 0}, "at least one worker")):
+        with pytest.raises(CmergeError, match=match):
+            TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16, **bad)
 
 
 def test_evaluator_loads_each_state_strictly(loaded):
@@ -324,6 +390,40 @@ def test_continual_finetuning_matrix_is_cached_per_order(loaded, tmp_path, monke
     again = continual_finetuning_entry(model, tokenizer, base_folder, TASKS, orders, recipe, evaluator,
                                        cache_dir=tmp_path, progress=False)
     assert again["matrices"] == entry["matrices"]
+
+
+def test_interrupted_continual_finetuning_resumes_at_its_next_task_with_the_same_result(loaded, tmp_path,
+                                                                                       monkeypatch):
+    import cmerge.suites.continual_ft as cft
+
+    model, tokenizer, _ = loaded
+    evaluator = TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16)
+    recipe = replace(FAST, steps=3)
+    order = ["colors", "animals"]
+    whole = cft.continual_finetuning(model, tokenizer, TASKS, order, recipe, evaluator, progress=False)
+
+    real, calls = cft.finetune, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cft, "finetune", crash_on_second)
+    checkpoint = tmp_path / "order.partial"
+    with pytest.raises(KeyboardInterrupt):
+        cft.continual_finetuning(model, tokenizer, TASKS, order, recipe, evaluator, progress=False,
+                                 checkpoint=checkpoint)
+    assert [p.name for p in checkpoint.glob("step-*.safetensors")] == ["step-001.safetensors"]
+    calls.clear()
+    monkeypatch.setattr(cft, "finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = cft.continual_finetuning(model, tokenizer, TASKS, order, recipe, evaluator, progress=False,
+                                       checkpoint=checkpoint)
+    assert len(calls) == 1 and resumed == whole   # only the second task trained again; identical numbers
+    other = cft.continual_finetuning(model, tokenizer, TASKS, order[::-1], recipe, evaluator, progress=False,
+                                     checkpoint=checkpoint)
+    assert len(calls) == 3 and len(other["matrix"]) == 2   # a checkpoint of another order is not used
 
 
 def test_continual_finetuning_skips_an_order_another_run_holds(loaded, tmp_path, monkeypatch):
@@ -403,18 +503,25 @@ def test_sweep_specs_take_the_papers_grids_or_the_given_one():
 
 def test_results_updates_under_the_lock_keep_concurrent_rows(tmp_path):
     from cmerge.evaluation.results import load_results, method_entry, new_results, save_results
-    from cmerge.suites.bench import _add_new, _update
+    from cmerge.suites.bench import record
 
     path = tmp_path / "results.json"
     save_results(new_results(["a", "b"]), path)
     entry = method_entry([[[50.0], [40.0, 60.0]]], [["a", "b"]], method="average")
     stale = load_results(path)  # what a second process read before the first one finished
-    _update(path, lambda r: _add_new(r, "methods", "first", entry))
-    _update(path, lambda r: _add_new(r, "methods", "second", entry))
-    _update(path, lambda r: _add_new(r, "methods", "first", {**entry, "acc_mean": -1.0}))  # finished twice
+    record(path, "methods", "first", entry)
+    record(path, "methods", "second", entry)
+    record(path, "methods", "first", {**entry, "acc_mean": -1.0})  # finished twice: the first one is kept
     final = load_results(path)
     assert set(final["methods"]) == {"first", "second"} and final["methods"]["first"]["acc_mean"] == 50.0
     assert stale["methods"] == {} and not path.with_name("results.json.partial").exists()
+    more = method_entry([[[50.0], [40.0, 60.0]], [[70.0], [60.0, 80.0]]], [["a", "b"], ["b", "a"]])
+    record(path, "methods", "first", more, replace_fewer_orders=True)  # a row over more orders replaces it
+    record(path, "methods", "second", entry, replace_fewer_orders=True)  # the same number of orders does not
+    final = load_results(path)
+    assert len(final["methods"]["first"]["orders"]) == 2 and final["methods"]["second"]["acc_mean"] == 50.0
+    with pytest.raises(ValueError, match="kind"):
+        record(path, "rows", "x", entry)
 
 
 # ---------------------------------------------------------------- alignment
@@ -537,11 +644,13 @@ def test_text_bench_sweeps_linear_experts_and_alignment_rows(base_folder, tmp_pa
     saved = load_results(out / "results.json")
     sweep = saved["sweeps"]["task_arithmetic.lam"]
     assert sweep["values"] == [0.2, 0.9] and sweep["rows"] == "diagonal+final"
+    assert sweep["split"] == "validation" and all(e["split"] == "validation" for e in sweep["entries"])
     assert all(len(e["orders"]) == 1 for e in sweep["entries"])
     first = sweep["entries"][0]["matrices"][0]  # the diagonal and the final row only
     assert first[0][0] is not None and first[-1][0] is not None
     ta = saved["methods"]["task_arithmetic"]
-    assert ta["params"]["lam"] == sweep["best"]["value"] and "sweep" in ta["chosen"]["lam"]
+    assert ta["params"]["lam"] == sweep["best"]["value"] and "validation" in ta["chosen"]["lam"]
+    assert ta["split"] == "test" and saved["reference_split"] == "test"
     assert len(ta["orders"]) == 2 and ta["experts"] == "standard"
     aligned = saved["methods"]["average:align=ridge"]
     assert aligned["alignment"]["align"] == "ridge"
@@ -557,9 +666,124 @@ def test_bench_refuses_missing_packages_and_bad_sizes(monkeypatch, tmp_path):
     from cmerge.suites import bench
 
     monkeypatch.setattr(bench, "missing_sources", lambda names: ["r-cran-tidytext"])
-    with pytest.raises(CmergeError, match="r-cran-tidytext; run scripts/setup_text_suite.sh"):
+    with pytest.raises(CmergeError, match="r-cran-tidytext; run scripts/setup_text_suite.sh") as err:
         bench.load_suite(8)
+    from cmerge.suites.sources import packages
+    assert all(name in str(err.value) for name in packages.ALL) and "fortunes-min" in str(err.value)
     with pytest.raises(CmergeError, match="8 or 14 tasks, not 5"):
         bench.load_suite(5)
     with pytest.raises(CmergeError, match="--continual-ft-orders"):
         bench.run_text_bench(tmp_path, TASKS, n_orders=2, continual_ft_orders=3)
+
+
+def test_sweeps_choose_on_validation_rows_report_test_and_pair_with_opcm(base_folder, tmp_path, monkeypatch):
+    """A sweep's values are scored by the validation evaluator, every row by the test one."""
+    from cmerge.evaluation.results import load_results
+    from cmerge.suites import bench
+
+    splits = []
+    real = bench.run_method
+
+    def spy(method, params, base, experts, evaluator, orders, **kwargs):
+        splits.append((method, evaluator.split, kwargs.get("rows", "all")))
+        return real(method, params, base, experts, evaluator, orders, **kwargs)
+
+    monkeypatch.setattr(bench, "run_method", spy)
+    import cmerge.evaluation.sweep as sweep_mod
+    monkeypatch.setattr(sweep_mod, "run_method", spy)
+    out = tmp_path / "out"
+    results = bench.run_text_bench(out, TASKS, methods="opcm,task_arithmetic", n_orders=2, seed=3,
+                                   sweeps=["task_arithmetic:lam=0.2/0.9"], recipe=replace(FAST, steps=3),
+                                   backbone_folder=base_folder, cache_dir=tmp_path / "cache", progress=False,
+                                   workers=2)
+    assert splits == [("task_arithmetic", "validation", "diagonal+final")] * 2 + [
+        ("opcm", "test", "all"), ("task_arithmetic", "test", "all")]
+    paired = load_results(out / "results.json")["paired"]
+    assert paired["reference"] == "opcm" and list(paired["rows"]) == ["task_arithmetic"]
+    ta, opcm = results["methods"]["task_arithmetic"], results["methods"]["opcm"]
+    assert paired["rows"]["task_arithmetic"]["diff"] == pytest.approx([a - b for a, b in zip(ta["acc"], opcm["acc"])])
+    assert "Δ ACC vs opcm" in (out / "table.md").read_text() and (out / "paired_vs_opcm.png").is_file()
+    sizes = results["suite"]["splits"]
+    assert sizes["colors"] == {"train": 96, "validation": 30, "test": 40}
+
+
+def test_reference_scores_are_cached_and_experts_shared_across_suite_sizes(base_folder, tmp_path, monkeypatch):
+    from cmerge.suites import bench
+
+    kwargs = dict(methods="average", n_orders=1, recipe=replace(FAST, steps=3), backbone_folder=base_folder,
+                  cache_dir=tmp_path / "cache", progress=False)
+    first = bench.run_text_bench(tmp_path / "a", TASKS, **kwargs)
+    scored = []
+    real = bench.score
+    monkeypatch.setattr(bench, "score", lambda ev, model, tasks: scored.append(list(tasks)) or real(ev, model, tasks))
+    again = bench.run_text_bench(tmp_path / "b", TASKS, **kwargs)   # a new folder: the references come from the cache
+    assert scored == [] and again["reference"] == first["reference"]
+    smaller = bench.run_text_bench(tmp_path / "c", {"colors": COLORS}, **kwargs)   # the suite's subset
+    assert smaller["suite"]["experts"]["colors"] == first["suite"]["experts"]["colors"]
+    assert smaller["reference"]["finetuned"]["colors"] == first["reference"]["finetuned"]["colors"] and scored == []
+
+
+def test_more_continual_finetuning_orders_extend_the_row(base_folder, tmp_path, monkeypatch):
+    from cmerge.suites import bench
+
+    kwargs = dict(methods="none", n_orders=2, recipe=replace(FAST, steps=2), backbone_folder=base_folder,
+                  cache_dir=tmp_path / "cache", progress=False)
+    one = bench.run_text_bench(tmp_path / "out", TASKS, continual_ft_orders=1, **kwargs)
+    assert len(one["methods"]["continual fine-tuning"]["orders"]) == 1
+    both = bench.run_text_bench(tmp_path / "out", TASKS, continual_ft_orders=2, **kwargs)
+    row = both["methods"]["continual fine-tuning"]
+    assert len(row["orders"]) == 2 and row["matrices"][0] == one["methods"]["continual fine-tuning"]["matrices"][0]
+    assert row["split"] == "test"
+
+
+def test_scoring_only_what_acc_and_bwt_need_gives_the_same_acc_and_bwt(base_folder, tmp_path):
+    """What `--demo` does (`--scored acc-bwt`): fewer evaluations, the same ACC and BWT to the bit."""
+    from cmerge.suites import bench
+
+    kwargs = dict(methods="opcm,average", n_orders=2, recipe=replace(FAST, steps=3), backbone_folder=base_folder,
+                  cache_dir=tmp_path / "cache", progress=False)
+    tasks = {**TASKS, "more": _task("more", [["one", "two"], ["sun", "rain"]], 20)}
+    full = bench.run_text_bench(tmp_path / "full", tasks, **kwargs)
+    part = bench.run_text_bench(tmp_path / "part", tasks, rows="diagonal+final", **kwargs)
+    for name in ("opcm", "average"):
+        assert part["methods"][name]["acc"] == full["methods"][name]["acc"]
+        assert part["methods"][name]["bwt"] == full["methods"][name]["bwt"]
+        assert part["methods"][name]["rows"] == "diagonal+final"
+        assert part["methods"][name]["matrices"][0][1][0] is None   # an entry the curve needs, not scored
+    assert part["paired"]["rows"]["average"]["diff"] == full["paired"]["rows"]["average"]["diff"]
+    assert (tmp_path / "full" / "accuracy_vs_tasks.png").is_file()
+    assert not (tmp_path / "part" / "accuracy_vs_tasks.png").exists()
+    assert "no accuracy curve" in (tmp_path / "part" / "report.md").read_text()
+
+
+def test_rows_no_sweep_decides_run_while_another_run_holds_a_sweep(base_folder, tmp_path):
+    import fcntl
+    import hashlib
+    import threading
+    import time
+
+    from cmerge.evaluation.results import load_results
+    from cmerge.suites import bench
+
+    out = tmp_path / "out"
+    (out / ".locks").mkdir(parents=True)
+    other = open(out / ".locks" / f"sweep-{hashlib.sha256(b'task_arithmetic.lam').hexdigest()[:16]}.lock", "a")
+    fcntl.flock(other, fcntl.LOCK_EX)   # "another run" is sweeping task arithmetic's λ
+    kwargs = dict(methods="task_arithmetic,average", n_orders=1, sweeps=["task_arithmetic:lam=0.2/0.4"],
+                  recipe=replace(FAST, steps=2), backbone_folder=base_folder, cache_dir=tmp_path / "cache",
+                  progress=False)
+    worker = threading.Thread(target=lambda: bench.run_text_bench(out, TASKS, **kwargs))
+    worker.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+            (out / "results.json").is_file() and "average" in load_results(out / "results.json")["methods"]):
+        time.sleep(0.2)
+    saved = load_results(out / "results.json")
+    assert set(saved["methods"]) == {"average"} and saved["sweeps"] == {}   # the row no sweep decides: done
+    assert worker.is_alive()   # and now it waits for the held sweep before task arithmetic's row
+    fcntl.flock(other, fcntl.LOCK_UN)   # the other run died: this one takes the sweep over
+    other.close()
+    worker.join(timeout=120)
+    final = load_results(out / "results.json")
+    assert set(final["methods"]) == {"average", "task_arithmetic"} and "task_arithmetic.lam" in final["sweeps"]
+    assert "validation" in final["methods"]["task_arithmetic"]["chosen"]["lam"]

@@ -21,7 +21,7 @@ from cmerge.suites import text_data as td
 from cmerge.suites.sources import emoji, fortunes, rpackages, wordnet
 from cmerge.suites.text_data import MissingSourceError, SourceRoots, SplitSizes
 
-SMALL = SplitSizes(train=20, test=8, min_per_class=4)
+SMALL = SplitSizes(train=20, validation=6, test=8, min_per_class=4)
 
 
 # --- fixture writers: WordNet ---------------------------------------------------------
@@ -95,7 +95,8 @@ def write_fortune_file(path: Path, quotes) -> None:
 
 
 def write_fortunes(root: Path) -> Path:
-    for key, name in {**fortunes.TOPIC_FILES, **fortunes.COLLECTION_FILES}.items():
+    english = {**fortunes.TOPIC_FILES, **fortunes.COLLECTION_FILES, "fortunes": "fortunes"}   # + fortunes-min's file
+    for key, name in english.items():
         quotes = [f"A {key} joke number {i},\n\tabout {key} things.\n\t\t-- Someone" for i in range(6)]
         quotes.append("+--+--+\n|##|##|\n+--+--+")   # ASCII art: left out
         write_fortune_file(root / name, quotes)
@@ -299,7 +300,7 @@ def test_fortune_language_pools_skip_links_indexes_and_subfolders(tmp_path):
     assert len(pools["es"]) == 6 + 5 * len(fortunes.SPANISH_TOPIC_FILES)
     assert len(pools["cs"]) == 6                               # not cs/klasik-sk
     assert not any("Spruch" in q for q in pools["en"])         # the adams -> it/ link is skipped
-    assert len(pools["en"]) == 6 * (len(fortunes.TOPIC_FILES) + len(fortunes.COLLECTION_FILES))
+    assert len(pools["en"]) == 6 * (len(fortunes.TOPIC_FILES) + len(fortunes.COLLECTION_FILES) + 1)
 
 
 def test_emoji_reader(tmp_path):
@@ -344,22 +345,52 @@ def test_clean_text():
     ([50, 10, 50], 61, [26, 10, 25]),
 ])
 def test_water_fill(counts, total, expected):
-    assert td._water_fill(counts, total) == expected
+    assert td.water_fill(counts, total) == expected
 
 
-def test_test_counts_follow_the_share():
+def test_share_counts_follow_the_share():
     # 15, 15, 7.5, 0.5: the tie for the one rounded-up place goes to the earlier class,
-    # and the last class still gets one test text (every class is on both sides).
-    assert td._test_counts([90, 90, 45, 3], 1 / 6) == [15, 15, 8, 1]
-    assert td._test_counts([1500, 300], 0.5) == [750, 150]
+    # and the last class still gets one text (every class is on every side).
+    assert td.share_counts([90, 90, 45, 3], 1 / 6) == [15, 15, 8, 1]
+    assert td.share_counts([1500, 300], 0.5) == [750, 150]
+    assert td.share_counts([3, 3], 0.9, keep=2) == [1, 1]   # two texts stay for validation and train
+
+
+@pytest.mark.parametrize("available,expected", [
+    (5000, (1500, 500, 500)),   # enough: the asked sizes
+    (2500, (1500, 500, 500)),
+    (1536, (777, 259, 500)),    # emoji_group: test keeps 500, train and validation share the rest 3:1
+    (1896, (1047, 349, 500)),   # wordnet_food
+    (600, (225, 75, 300)),      # test would leave less than half: it takes half
+])
+def test_split_totals_keep_the_test_size_first(available, expected):
+    got = td.split_totals(available, SplitSizes())
+    assert got == expected and sum(got) == min(available, SplitSizes().total)
+
+
+def test_three_splits_are_stratified_disjoint_and_sized(roots, tmp_path):
+    sizes = SplitSizes(train=24, validation=8, test=16, min_per_class=4)   # 8 classes: 3 + 1 + 2 texts each
+    task = td.load_task("fortune_lang", cache_dir=tmp_path, roots=roots, sizes=sizes)
+    assert (len(task.train), len(task.validation), len(task.test)) == (24, 8, 16)
+    assert task.split("validation") is task.validation
+    texts = [{t for t, _ in task.split(s)} for s in td.SPLITS]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
+    for split in td.SPLITS:   # 8 balanced classes: each split holds the same number of each
+        per_class = [sum(1 for _, y in task.split(split) if y == c) for c in range(8)]
+        assert len(set(per_class)) == 1, (split, per_class)
+    with pytest.raises(CmergeError, match="not 'dev'"):
+        task.split("dev")
+    with pytest.raises(ValueError, match="min_per_class must be >= 3"):
+        SplitSizes(min_per_class=2)
 
 
 def check_task(task, n_classes):
     assert len(task.labels) == len(task.descriptions) == n_classes
-    assert {y for _, y in task.train} == {y for _, y in task.test} == set(range(n_classes))
-    train_texts = {t for t, _ in task.train}
-    assert len(train_texts) == len(task.train)
-    assert not train_texts & {t for t, _ in task.test}
+    for split in td.SPLITS:   # every class on every side
+        assert {y for _, y in task.split(split)} == set(range(n_classes)), split
+    texts = [{t for t, _ in task.split(split)} for split in td.SPLITS]
+    assert [len(t) for t in texts] == [len(task.split(split)) for split in td.SPLITS]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
 
 
 def test_load_wordnet_noun_from_fixture(roots, tmp_path):
@@ -368,7 +399,7 @@ def test_load_wordnet_noun_from_fixture(roots, tmp_path):
     assert task.labels == ["act", "animal", "food", "person"]   # classes with >= 4 texts, in table order
     assert task.descriptions[1] == wordnet.NOUN_CLASSES[1].description
     check_task(task, 4)
-    assert (len(task.train), len(task.test)) == (20, 8)
+    assert (len(task.train), len(task.validation), len(task.test)) == (20, 6, 8)
 
 
 @pytest.mark.parametrize("name,n_classes", [
@@ -378,7 +409,7 @@ def test_load_wordnet_noun_from_fixture(roots, tmp_path):
     ("fortune_lang", 8), ("emoji_group", 3),
 ])
 def test_other_tasks_build_from_fixtures(name, n_classes, roots, tmp_path):
-    sizes = SplitSizes(train=48, test=12, min_per_class=4)
+    sizes = SplitSizes(train=48, validation=12, test=12, min_per_class=4)
     check_task(td.load_task(name, cache_dir=tmp_path / "cache", roots=roots, sizes=sizes), n_classes)
 
 
@@ -398,7 +429,7 @@ def test_r_tasks_build_from_fixtures(name, labels, r_roots, tmp_path):
 def test_dedupe_is_case_insensitive_and_drops_cross_class_texts():
     recipe = dataclasses.replace(td.RECIPES["fortune_topic"], classes=fortunes.TOPIC_CLASSES[:2], min_chars=2)
     raw = {"computers": ["b2", "Same", "same ", "a1", "A1", "x"], "education": ["SAME", "b1", "b2"]}
-    assert td._clean_pools(raw, recipe) == [["a1"], ["b1"]]
+    assert td.clean_pools(raw, recipe) == [["a1"], ["b1"]]
 
 
 def test_build_is_deterministic(roots, tmp_path):
@@ -502,5 +533,33 @@ def test_installed_sources_smoke(name, tmp_path):
     if td.missing_sources([name]):
         pytest.skip(f"{td.missing_sources([name])} not installed")
     task = td.load_task(name, cache_dir=tmp_path)
-    assert 1200 <= len(task.train) <= 1500 and 240 <= len(task.test) <= 300
+    assert 700 <= len(task.train) <= 1500 and 250 <= len(task.validation) <= 500 and len(task.test) == 500
     check_task(task, len(task.labels))
+
+
+# --- one package list for the messages and the setup script -------------------------------
+
+SETUP_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "setup_text_suite.sh"
+
+
+def test_one_package_list_behind_recipes_messages_and_the_setup_script(tmp_path):
+    """The user report: the error message left out fortunes-min, which the setup script installs."""
+    import subprocess
+
+    from cmerge.suites.sources import packages
+
+    required = {r.package for recipe in td.RECIPES.values() for r in recipe.requires}
+    assert required == set(packages.ALL)   # every listed package is read by a task, and no other
+    empty = SourceRoots(wordnet=tmp_path, fortunes=tmp_path, unicode=tmp_path, r_packages=tmp_path)
+    assert set(td.missing_sources(td.TASKS_8, roots=empty)) == set(packages.ALL)   # fortune_lang reads fortunes-min
+    listed = subprocess.run(["sh", str(SETUP_SCRIPT), "--list"], capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == list(packages.ALL)
+    for kind, expected in (("apt", packages.APT), ("r", packages.R_DATA)):
+        out = subprocess.run(["python3", packages.__file__, kind], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == list(expected)   # what the script installs, read by a plain python3
+
+
+def test_fortune_lang_needs_fortunes_min(roots, tmp_path):
+    (roots.fortunes / "fortunes").unlink()   # fortunes-min's main file: part of the English pool
+    with pytest.raises(MissingSourceError, match="fortunes-min"):
+        td.load_task("fortune_lang", cache_dir=tmp_path / "cache", roots=roots, sizes=SMALL)

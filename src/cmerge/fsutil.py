@@ -7,6 +7,8 @@
   either failing at once with one sentence or waiting.
 - :func:`new_folder` builds a new folder in ``FOLDER.partial`` and renames it into place, so
   the folder is absent or complete at any instant.
+- :func:`cached_folder` does the same for a cache entry that several processes may ask for at
+  once: one builds it, the others wait for it and then use it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import filelock
 
@@ -114,3 +116,32 @@ def new_folder(folder: str | os.PathLike, busy: str, what: str = "output folder"
             folder.rmdir()
         os.replace(tmp, folder)
         fsync_dir(folder.parent)
+
+
+def cached_folder(folder: str | os.PathLike, build: Callable[[Path], None], ready: Callable[[Path], bool]) -> Path:
+    """The cache entry ``folder``: returned as it is if ``ready(folder)``, else built once.
+
+    ``build(tmp)`` fills ``FOLDER.partial``, which is renamed into place. Processes asking for
+    the same entry wait on a lock beside it, and the ones that waited find it ready. A killed
+    builder leaves no ``folder`` (its ``.partial`` is removed by the next one); an entry that is
+    there but not ready (an older format) is removed and built again.
+    """
+    folder = Path(folder)
+    if ready(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with locked(folder.parent / f".{folder.name}.cmerge-lock", "", wait=True):
+        if ready(folder):  # built by the process this one waited for
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            build(tmp)
+            fsync_dir(tmp)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(folder.parent)
+    return folder

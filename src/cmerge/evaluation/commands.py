@@ -1,7 +1,8 @@
 """The evaluation commands of the ``cmerge`` CLI: ``report`` and ``similarity``.
 
-cli.py registers ``report_command`` and ``similarity_command``. Bad input ends in one
-sentence on stderr and exit status 2; nothing is written. The heavy modules (torch
+cli.py registers ``report_command`` and ``similarity_command``. Bad input raises CmergeError,
+which the ``cmerge`` group turns into one sentence on stderr (``error: ...``) and exit status 2;
+nothing is written. The heavy modules (torch
 readers, matplotlib) are imported inside the commands, so registering them is cheap.
 """
 from __future__ import annotations
@@ -14,16 +15,12 @@ import click
 from cmerge.errors import CmergeError
 
 
-class BadInput(click.ClickException):
-    """A CmergeError shown to the user: its one sentence, exit status 2."""
-
-    exit_code = 2
-
-
 def model_label(path: str) -> str:
-    """A short name for a model path: the folder name, or the file name without its suffix."""
+    """A short name for a model path: the folder name, or a weight file's name without its suffix."""
+    from cmerge.io import WEIGHT_SUFFIXES
+
     p = Path(path.rstrip("/\\"))
-    return p.stem if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt") else p.name
+    return p.stem if p.suffix in WEIGHT_SUFFIXES else p.name
 
 
 def parse_names(names: str | None, models: tuple[str, ...]) -> list[str]:
@@ -33,7 +30,7 @@ def parse_names(names: str | None, models: tuple[str, ...]) -> list[str]:
     else:
         labels = [n.strip() for n in names.split(",")]
         if len(labels) != len(models) or not all(labels):
-            raise BadInput(f"--names gives {len(labels)} names for {len(models)} models; give one non-empty name per model.")
+            raise CmergeError(f"--names gives {len(labels)} names for {len(models)} models; give one non-empty name per model.")
     if len(set(labels)) < len(labels):
         labels = [f"{label} ({i + 1})" for i, label in enumerate(labels)]
     return labels
@@ -44,19 +41,19 @@ def parse_names(names: str | None, models: tuple[str, ...]) -> list[str]:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write table.md, report.md, the CSVs and the PNG figures into.")
 @click.option("--title", default="Continual merging report", show_default=True, help="Title of report.md.")
-def report_command(results_path: str, out_dir: str, title: str) -> None:
+@click.option("--paired-reference", default=None, metavar="ROW",
+              help="the row every other row is compared with, order by order (mean ACC difference and its "
+                   "95% Student-t interval over orders); default: the one the results name, else opcm.")
+def report_command(results_path: str, out_dir: str, title: str, paired_reference: str | None) -> None:
     """Render tables, CSVs and figures from a results JSON.
 
     Writes table.md (Table 1 of the OPCM paper), report.md, summary.csv, steps.csv,
-    sweeps.csv and the PNG figures into the folder given by -o.
+    sweeps.csv, paired.csv and the PNG figures into the folder given by -o.
     """
     from cmerge.evaluation.report import write_report
     from cmerge.evaluation.results import load_results
 
-    try:
-        written = write_report(load_results(results_path), out_dir, title=title)
-    except CmergeError as err:
-        raise BadInput(str(err)) from None
+    written = write_report(load_results(results_path), out_dir, title=title, paired_reference=paired_reference)
     click.echo(f"wrote {len(written)} files to {out_dir}", err=True)
 
 
@@ -81,10 +78,7 @@ def similarity_command(base: str, models: tuple[str, ...], output: str | None, a
     if output is None and not as_json:
         raise click.UsageError("give -o HEATMAP.png, --json, or both.")
     labels = parse_names(names, models)
-    try:
-        matrix = cosine_similarity_matrix(base, list(models), labels)
-    except CmergeError as err:
-        raise BadInput(str(err)) from None
+    matrix = cosine_similarity_matrix(base, list(models), labels)
     if output is not None:
         plot_similarity(matrix, labels, output)
         click.echo(f"wrote {output}", err=True)

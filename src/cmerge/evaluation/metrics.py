@@ -9,6 +9,12 @@ JSON for NaN) are read as NaN.
 Spread over task orders is the population standard deviation (``ddof=0``), so a
 method that does not depend on the order reports exactly ± 0.0 and a single order is
 well defined.
+
+Two methods run over the same orders are compared order by order
+(:func:`paired_difference`): the difference of their ACC on each order, its mean and a
+Student-t confidence interval of that mean (sample standard deviation, ``ddof=1``,
+n − 1 degrees of freedom). The interval treats the orders as the random draws; the
+test texts are the same for both methods and are not resampled.
 """
 from __future__ import annotations
 
@@ -115,3 +121,37 @@ def summarize(matrices: Sequence[Matrix], orders: Sequence[Sequence[str]]) -> di
         "final_mean": {task: mean_std(v)[0] for task, v in finals.items()},
         "final_std": {task: mean_std(v)[1] for task, v in finals.items()},
     }
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """``a − b`` order by order: the differences, their mean, and a Student-t interval of the mean.
+
+    ``a`` and ``b`` hold one value per order, the same orders in the same positions.
+    Returns ``diff`` (per order), ``n``, ``mean``, ``sd`` (ddof=1), ``low`` and ``high``
+    (mean ∓ t_{(1+confidence)/2, n−1} · sd/√n; NaN with fewer than two orders), and
+    ``wins``/``losses``/``ties`` (orders where ``a`` is above, below, equal to ``b``).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"a paired comparison needs one value per order on both sides, got {len(a)} and {len(b)}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = int(diff.size)
+    mean = float(np.mean(diff)) if n else math.nan
+    sd = float(np.std(diff, ddof=1)) if n > 1 else math.nan
+    low = high = math.nan
+    if n > 1:
+        half = student_t_quantile((1.0 + confidence) / 2.0, n - 1) * sd / math.sqrt(n)
+        low, high = mean - half, mean + half
+    return {"diff": [float(d) for d in diff], "n": n, "mean": mean, "sd": sd, "low": low, "high": high,
+            "wins": int(np.sum(diff > 0)), "losses": int(np.sum(diff < 0)), "ties": int(np.sum(diff == 0))}
+
+
+def student_t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (scipy)."""
+    try:
+        from scipy.stats import t
+    except ImportError:
+        from cmerge.errors import CmergeError
+        raise CmergeError("paired confidence intervals need scipy; install it with `pip install scipy`.") from None
+    return float(t.ppf(q, df))

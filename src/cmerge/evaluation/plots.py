@@ -168,3 +168,34 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], order: Sequence[str]
                             color="black" if square[t, j] > mid else "white")
     ax.set_title(title or "accuracy matrix")
     return _save(fig, path)
+
+
+def plot_paired(rows: Mapping[str, tuple[Sequence[float], float, float, float]], reference: str, path: str | Path,
+                confidence: float = 0.95) -> Path:
+    """Each row's ACC minus the reference's, order by order (dots), with the mean and its interval (bar).
+
+    ``rows`` maps a row name to (per-order differences, mean, interval low, interval high).
+    Rows are drawn top to bottom in the given order; the dashed line is "no difference".
+    """
+    names = list(rows)
+    fig = _figure(width=7.0, height=max(2.5, 0.45 * len(names) + 1.3))
+    ax = fig.add_subplot()
+    for y, name in enumerate(names):
+        diffs, mean, low, high = rows[name]
+        diffs = np.asarray([d for d in diffs if d is not None], dtype=float)
+        jitter = np.linspace(-0.15, 0.15, len(diffs)) if len(diffs) > 1 else np.zeros(len(diffs))
+        ax.scatter(diffs, y + jitter, s=12, color="grey", alpha=0.6, zorder=2,
+                   label="one order" if y == 0 else None)
+        if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
+            ax.plot([low, high], [y, y], color="black", linewidth=2, zorder=3,
+                    label=f"{confidence:.0%} interval (Student t)" if y == 0 else None)
+        if mean is not None and math.isfinite(mean):
+            ax.plot([mean], [y], marker="D", color="tab:red", markersize=6, zorder=4, linestyle="none",
+                    label="mean" if y == 0 else None)
+    ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ACC − ACC of {reference} on the same order (points)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)

@@ -1,10 +1,12 @@
 """Render a results document (results.py) into tables and figures.
 
 Writes, into one folder: ``table.md`` (the paper's Table 1: rows = methods, ACC ± std
-and BWT ± std), ``report.md`` (that table, final accuracy per task, sweeps, and every
-figure), ``summary.csv`` (one row per method and reference), ``steps.csv`` (one row
-per order × step × task seen), ``sweeps.csv`` (one row per swept value) and the PNGs
-of plots.py. Metrics are recomputed from the matrices, which are the source of truth.
+and BWT ± std, and each row's paired difference of ACC against a reference row),
+``report.md`` (that table, the paired comparisons, final accuracy per task, sweeps, and
+every figure), ``summary.csv`` (one row per method and reference), ``steps.csv`` (one
+row per order × step × task seen), ``sweeps.csv`` (one row per swept value),
+``paired.csv`` (one row per method × shared order) and the PNGs of plots.py. Metrics
+are recomputed from the matrices, which are the source of truth.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from cmerge.evaluation.metrics import mean_std
 from cmerge.evaluation.results import refresh_summaries, validate_results
 
 REFERENCE_LABELS = {"pretrained": "Pre-trained", "finetuned": "Fine-tuned (individual)",
-                    "finetuned_linear": "Fine-tuned in tangent space (individual)"}
+                    "finetuned_linear": "Fine-tuned in tangent space (individual)",
+                    "multitask": "Multi-task (one model trained on every task)"}
 
 
 def slug(name: str) -> str:
@@ -52,11 +55,52 @@ def _params_text(params: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
-def _run_text(entry: dict) -> str:
-    """``opcm(alpha=0.5)``: the registry method and its parameters, as the run was made."""
+CHOSEN_MARKS = {"sweep": "†", "paper": "‡"}
+"""How a row's parameter was chosen, when it was not given: † best of a sweep (on the split the
+sweep names), ‡ the paper's value."""
+
+
+def run_text(entry: dict) -> str:
+    """``opcm(alpha=0.3†)``: the registry method, its parameters and the suite's variant keys.
+
+    Everything that tells two rows apart goes in: the method's parameters (a mark after
+    each value a sweep or the paper chose), which experts were merged (``experts=linear``)
+    and the alignment after each step (``align=ridge``).
+    """
+    chosen = entry.get("chosen") or {}
+    items = []
+    for key, value in (entry.get("params") or {}).items():
+        how = str(chosen.get(key, ""))
+        mark = CHOSEN_MARKS["sweep"] if "sweep" in how else CHOSEN_MARKS["paper"] if "paper" in how else ""
+        items.append(f"{key}={value}{mark}")
+    if entry.get("experts", "standard") != "standard":
+        items.append(f"experts={entry['experts']}")
+    align = (entry.get("alignment") or {}).get("align")
+    if align and align != "off":
+        items.append(f"align={align}")
+    text = ", ".join(items)
     method = entry.get("method") or ""
-    params = _params_text(entry.get("params", {}))
-    return f"`{method}({params})`" if method else (f"`{params}`" if params else "—")
+    return f"`{method}({text})`" if method else (f"`{text}`" if text else "—")
+
+
+def paired_text(results: dict, name: str) -> str:
+    """``-1.5 [-1.9, -1.1], 0/10``: mean ACC difference against the paired reference, its interval, orders won."""
+    paired = results.get("paired") or {}
+    if name == paired.get("reference"):
+        return "reference"
+    row = (paired.get("rows") or {}).get(name)
+    if not row:
+        return "—"
+    interval = f" [{fmt(row['low'])}, {fmt(row['high'])}]" if row["n"] > 1 and _finite(row["low"]) else ""
+    return f"{_signed(row['mean'])}{interval}, {row['wins']}/{row['n']}"
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def _signed(value: Any) -> str:
+    return fmt(value) if not _finite(value) or float(value) < 0 else "+" + fmt(value)
 
 
 def _best(values: list[float]) -> float | None:
@@ -65,19 +109,62 @@ def _best(values: list[float]) -> float | None:
 
 
 def table1_markdown(results: dict) -> str:
-    """Rows = reference models and methods; ACC ± std and BWT ± std over orders (best in bold)."""
+    """Rows = reference models and methods; ACC ± std and BWT ± std over orders (best in bold).
+
+    With a paired reference (``results["paired"]``) a column gives each row's mean ACC
+    difference to it over the shared orders, the interval and the orders won.
+    """
     methods = results["methods"]
+    paired = results.get("paired")
     best_acc = _best([e["acc_mean"] for e in methods.values()])
     best_bwt = _best([e["bwt_mean"] for e in methods.values()])
-    lines = ["| method | ACC (%) ↑ | BWT (%) ↑ | orders | run |", "|---|---|---|---|---|"]
+    head = ["method", "ACC (%) ↑", "BWT (%) ↑"]
+    paired = paired if paired and paired.get("rows") else None
+    if paired:
+        head.append(f"Δ ACC vs {paired['reference']} [{paired['confidence']:.0%} CI], orders won")
+    head += ["orders", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for kind, label in REFERENCE_LABELS.items():
         if results.get("reference", {}).get(kind):
-            lines.append(f"| {label} | {fmt(reference_mean(results, kind))} | — | — | — |")
+            cells = [label, fmt(reference_mean(results, kind))] + ["—"] * (len(head) - 2)
+            lines.append("| " + " | ".join(cells) + " |")
     for name, e in methods.items():
         acc, bwt = fmt(e["acc_mean"], e["acc_std"]), fmt(e["bwt_mean"], e["bwt_std"])
         acc = f"**{acc}**" if len(methods) > 1 and e["acc_mean"] == best_acc else acc
         bwt = f"**{bwt}**" if len(methods) > 1 and e["bwt_mean"] == best_bwt else bwt
-        lines.append(f"| {name} | {acc} | {bwt} | {len(e['orders'])} | {_run_text(e)} |")
+        cells = [name, acc, bwt] + ([paired_text(results, name)] if paired else [])
+        cells += [str(len(e["orders"])), run_text(e)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def splits_text(results: dict) -> str:
+    """One sentence saying which split the rows and the sweeps were scored on (empty if not recorded)."""
+    rows = sorted({e.get("split") for e in results["methods"].values()} - {None})
+    sweeps = sorted({s.get("split") for s in results.get("sweeps", {}).values()} - {None})
+    parts = []
+    if rows:
+        parts.append(f"Every row is scored on the {' and '.join(rows)} split")
+    partial = [name for name, e in results["methods"].items() if e.get("rows") == "diagonal+final"]
+    if partial:
+        parts.append(f"{', '.join(partial)} scored only the new task after each step and every task after the last "
+                     "(exactly the ACC and BWT of a full run; no accuracy curve)")
+    if sweeps:
+        parts.append(f"the sweeps that choose a parameter (marked †) on the {' and '.join(sweeps)} split")
+    return (", ".join(parts) + ".") if parts else ""
+
+
+def paired_markdown(results: dict) -> str:
+    """Each row against the paired reference: shared orders, mean difference, interval, wins/losses."""
+    paired = results.get("paired")
+    if not paired or not paired.get("rows"):
+        return ""
+    lines = [f"ACC(row) − ACC({paired['reference']}) on each order both ran; {paired['interval']}, "
+             f"{paired['confidence']:.0%}. An interval that excludes 0 is what \"A beats B\" needs here.\n",
+             "| method | orders | mean Δ ACC | sd | CI low | CI high | won / lost / tied |", "|---|---|---|---|---|---|---|"]
+    for name, row in paired["rows"].items():
+        lines.append(f"| {name} | {row['n']} | {_signed(row['mean'])} | {fmt(row['sd'])} | {fmt(row['low'])} "
+                     f"| {fmt(row['high'])} | {row['wins']} / {row['losses']} / {row['ties']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -121,14 +208,20 @@ def render_plots(results: dict, out_dir: Path) -> list[Path]:
     """Every figure the document has data for; returns the paths written."""
     written = []
     methods = results["methods"]
-    if methods:
-        curves = {name: (e["curve_mean"], e["curve_std"]) for name, e in methods.items()}
+    curves = {name: (e["curve_mean"], e["curve_std"]) for name, e in methods.items()
+              if all(v is not None and math.isfinite(v) for v in e["curve_mean"])}   # not the rows scored in part
+    if curves:
         written.append(plots.plot_accuracy_curves(curves, out_dir / "accuracy_vs_tasks.png",
                                                   upper_bound=reference_mean(results, "finetuned")))
     for name, e in methods.items():
         title = f"{name}, order 1 of {len(e['orders'])}"
         written.append(plots.plot_accuracy_matrix(e["matrices"][0], e["orders"][0],
                                                   out_dir / f"accuracy_matrix_{slug(name)}.png", title))
+    paired = results.get("paired")
+    if paired and paired["rows"]:
+        rows = {name: (row["diff"], row["mean"], row["low"], row["high"]) for name, row in paired["rows"].items()}
+        written.append(plots.plot_paired(rows, paired["reference"], out_dir / f"paired_vs_{slug(paired['reference'])}.png",
+                                         confidence=paired["confidence"]))
     lambdas = _lambda_curves(results)
     if lambdas:
         written.append(plots.plot_lambdas(lambdas, out_dir / "lambda_vs_sqrt_t.png"))
@@ -171,6 +264,17 @@ def write_csvs(results: dict, out_dir: Path) -> list[Path]:
                         loss = losses[k][t][j] if losses else None
                         w.writerow([name, k, t + 1, order[t], order[j], _cell(acc), _cell(loss)])
     written = [summary, steps]
+    if (results.get("paired") or {}).get("rows"):
+        paired = out_dir / "paired.csv"
+        with paired.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["method", "reference", "pair", "diff", "mean", "sd", "low", "high", "confidence"])
+            p = results["paired"]
+            for name, row in p["rows"].items():
+                for k, d in enumerate(row["diff"]):
+                    w.writerow([name, p["reference"], k, _cell(d), _cell(row["mean"]), _cell(row["sd"]),
+                                _cell(row["low"]), _cell(row["high"]), p["confidence"]])
+        written.append(paired)
     if results.get("sweeps"):
         sweeps = out_dir / "sweeps.csv"
         with sweeps.open("w", newline="") as f:
@@ -196,21 +300,32 @@ def report_markdown(results: dict, figures: Sequence[Path], title: str = "Contin
              f"Mean ± standard deviation (ddof={results.get('std_ddof', 0)}) over "
              f"{'/'.join(map(str, n_orders)) or 0} task orders"
              + (f" (shuffled with seed {results['seed']})" if results.get("seed") is not None else "") + "; "
-             "accuracies in percent; BWT excludes the last task (OPCM paper Eq. 16).\n",
+             "accuracies in percent; BWT excludes the last task (OPCM paper Eq. 16). " + splits_text(results) + "\n",
              "## Average accuracy and backward transfer (Table 1)\n", table1_markdown(results),
-             "## Final accuracy per task (mean over orders)\n", per_task_markdown(results)]
+             f"In *run*, {CHOSEN_MARKS['sweep']} marks a value chosen by a sweep (the best mean ACC of its grid), "
+             f"{CHOSEN_MARKS['paper']} the paper's value for the suite size.\n"]
+    if paired_markdown(results):
+        parts += [f"## Paired comparison with {results['paired']['reference']}\n", paired_markdown(results)]
+    parts += ["## Final accuracy per task (mean over orders)\n", per_task_markdown(results)]
     for name, sweep in results.get("sweeps", {}).items():
         fixed = _params_text(sweep.get("params", {})) or "defaults"
-        parts += [f"## Sweep {name} (other parameters: {fixed})\n", sweep_markdown(name, sweep)]
+        split = f", scored on the {sweep['split']} split" if sweep.get("split") else ""
+        orders = f", {len(sweep['entries'][0]['orders'])} order(s)" if sweep.get("entries") else ""
+        parts += [f"## Sweep {name} (other parameters: {fixed}{split}{orders})\n", sweep_markdown(name, sweep)]
     if figures:
         parts.append("## Figures\n")
         parts += [f"![{p.stem}]({p.name})\n" for p in figures]
     return "\n".join(parts)
 
 
-def write_report(results: dict, out_dir: str | Path, title: str = "Continual merging report") -> list[Path]:
-    """Validate ``results``, recompute its metrics and write every table, CSV and figure into ``out_dir``."""
-    results = refresh_summaries(copy.deepcopy(validate_results(results)))
+def write_report(results: dict, out_dir: str | Path, title: str = "Continual merging report",
+                 paired_reference: str | None = None) -> list[Path]:
+    """Validate ``results``, recompute its metrics and write every table, CSV and figure into ``out_dir``.
+
+    ``paired_reference`` names the row the others are compared with, order by order
+    (default: the one ``results["paired"]`` names, else ``opcm`` when there is such a row).
+    """
+    results = refresh_summaries(copy.deepcopy(validate_results(results)), paired_reference)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = render_plots(results, out_dir)

@@ -10,8 +10,13 @@ Shape (all accuracies in percent)::
                         "acc_mean", "acc_std", "bwt_mean", "bwt_std", ...   # metrics.summarize
                         ...diagnostics}},                   # lambdas, task_norms, merged_norms, loss_matrices
      "sweeps": {NAME: {...}},                                # sweep.sweep_entry, optional
+     "paired": {"reference": NAME, "rows": {NAME: {...}}},   # paired_comparisons, derived from the matrices
      "similarity": {"tasks": [...], "matrix": [[...]]},      # optional
      "seed": int, "std_ddof": 0}
+
+A row or sweep may say which split of the tasks its numbers come from (``"split"``:
+``"test"`` for the rows a suite reports, ``"validation"`` for the sweeps that choose a
+parameter); the text suite records both.
 
 NaN is written as JSON ``null`` and read back as ``None``; metrics read ``None`` as NaN.
 """
@@ -25,7 +30,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cmerge.errors import CmergeError
-from cmerge.evaluation.metrics import STD_DDOF, check_matrix, summarize
+from cmerge.evaluation.metrics import STD_DDOF, check_matrix, paired_difference, summarize
+
+DEFAULT_PAIRED_REFERENCE = "opcm"
+PAIRED_CONFIDENCE = 0.95
+PAIRED_INTERVAL = ("Student-t confidence interval of the mean per-order difference of ACC "
+                   "(sample standard deviation, n - 1 degrees of freedom, orders as the random draws)")
 
 
 def method_entry(
@@ -140,11 +150,61 @@ def validate_results(results: Any) -> dict:
     return results
 
 
-def refresh_summaries(results: dict) -> dict:
-    """Recompute every method's metrics from its matrices (the matrices are the source of truth)."""
+def refresh_summaries(results: dict, paired_reference: str | None = None) -> dict:
+    """Recompute every method's metrics and the paired comparisons from the matrices (the source of truth).
+
+    ``paired_reference`` is the row every other row is compared with; default: the one the
+    document names already, else ``opcm``. A reference the document lacks leaves
+    ``paired`` out (or raises, when asked for by name).
+    """
     for entry in results["methods"].values():
         entry.update(summarize(entry["matrices"], entry["orders"]))
+    asked = paired_reference
+    reference = asked or (results.get("paired") or {}).get("reference") or DEFAULT_PAIRED_REFERENCE
+    if reference in results["methods"]:
+        results["paired"] = paired_comparisons(results, reference)
+    elif asked is not None:
+        raise CmergeError(f"there is no row {asked!r} to compare with; the rows are {', '.join(results['methods'])}.")
+    else:
+        results.pop("paired", None)
     return results
+
+
+def paired_comparisons(results: dict, reference: str = DEFAULT_PAIRED_REFERENCE,
+                       confidence: float = PAIRED_CONFIDENCE) -> dict:
+    """Every row against ``reference``, order by order: ACC(row) − ACC(reference) on each shared order.
+
+    Orders are matched by their task sequence (the k-th run of a sequence with the k-th run
+    of the same sequence), so a row run on fewer orders (e.g. continual fine-tuning on the
+    first four) is compared on those. Per row: ``orders`` (how many were shared), ``diff``
+    (one per shared order, in the row's order) and the summary of
+    ``metrics.paired_difference``.
+    """
+    ref = results["methods"][reference]
+    ref_acc: dict[tuple, list[float]] = {}
+    for order, acc in zip(ref["orders"], _accs(ref)):
+        ref_acc.setdefault(tuple(order), []).append(acc)
+    rows = {}
+    for name, entry in results["methods"].items():
+        if name == reference:
+            continue
+        seen: dict[tuple, int] = {}
+        pairs = []
+        for order, acc in zip(entry["orders"], _accs(entry)):
+            key = tuple(order)
+            k = seen[key] = seen.get(key, -1) + 1
+            if k < len(ref_acc.get(key, ())):
+                pairs.append((acc, ref_acc[key][k]))
+        if not pairs:
+            continue
+        mine, theirs = zip(*pairs)
+        rows[name] = {"orders": len(pairs), **paired_difference(mine, theirs, confidence)}
+    return {"reference": reference, "metric": "acc", "confidence": confidence,
+            "interval": f"{confidence:.0%} {PAIRED_INTERVAL}", "rows": rows}
+
+
+def _accs(entry: dict) -> list[float]:
+    return summarize(entry["matrices"], entry["orders"])["acc"]
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -84,6 +84,7 @@ ROWS = ("all", "diagonal+final")
 def run_order(
     method: str, params: Mapping[str, Any], base: Any, experts: Mapping[str, Any], evaluator: Evaluator,
     order: Sequence[str], bar=None, *, post_step: PostStep | None = None, rows: str = "all",
+    base_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, list]:
     """One order: merge step by step in memory; return its accuracy/loss matrices and per-step diagnostics.
 
@@ -92,7 +93,8 @@ def run_order(
     may correct the merged model with ``merger.override`` (post-merge alignment) and may
     return a dict of numbers, recorded per step. ``rows="diagonal+final"`` scores only
     what ACC and BWT need (the new task after each step, every task after the last; the
-    other entries are NaN), for sweeps.
+    other entries are NaN), for sweeps. ``base_tensors`` is the base already in memory
+    (``materialize(base)``), so that ‖θ_merged − θ0‖ does not read it again at every step.
     """
     if rows not in ROWS:
         raise CmergeError(f"rows must be one of {', '.join(ROWS)}, got {rows!r}.")
@@ -113,7 +115,7 @@ def run_order(
         record["losses"].append([by_task[name][1] if name in by_task else math.nan for name in seen])
         record["lambdas"].append(_step_field(step, "lambda"))
         record["task_norms"].append(_step_field(step, "norm"))
-        record["merged_norms"].append(delta_norm(merged, base))
+        record["merged_norms"].append(delta_norm(merged, base if base_tensors is None else base_tensors))
         previous = merged if post_step is not None else None
         if bar is not None:
             bar.update(1)
@@ -129,9 +131,11 @@ def run_method(
     (``post_step`` and ``rows``: see :func:`run_order`)."""
     params = dict(params or {})
     orders = check_orders(orders, list(experts))
+    base_tensors = materialize(base, "the base model")
     bar = _progress(sum(len(o) for o in orders), desc or method, progress)
     try:
-        records = [run_order(method, params, base, experts, evaluator, order, bar, post_step=post_step, rows=rows)
+        records = [run_order(method, params, base, experts, evaluator, order, bar, post_step=post_step, rows=rows,
+                             base_tensors=base_tensors)
                    for order in orders]
     finally:
         if bar is not progress:

@@ -14,6 +14,8 @@ Several runs may work on the same folder at once: each row and sweep is claimed 
 lock (``.locks/``), a run skips what another holds and comes back to it at the end, and
 every update of ``results.json`` re-reads it under a file lock and adds only its own
 rows. Starting the same command twice therefore splits the rows between two processes.
+A run first takes the free sweeps and the rows no sweep decides, and only then waits for
+the sweeps another run holds, so neither run idles while the other finishes a sweep.
 
 A row is named on the command line as ``NAME`` or ``NAME:key=value:key=value``
 (``opcm:alpha=0.8``): the keys are the method's registry parameters (parsed with the
@@ -22,36 +24,55 @@ experts, fine-tuned in tangent space, holistic CMM "pre-merging") and
 ``align=off|ridge|adam`` (post-merge representation alignment, :mod:`align`).
 
 Sweeps (``method:param`` with an optional ``=v1/v2/...`` grid; the papers' grids by
-default) run on the first ``sweep_orders`` orders, scoring only the entries ACC and BWT
-need; a row that does not set the swept parameter then takes the sweep's best value
-(the paper's way of choosing λ). Without a sweep, task arithmetic and TIES take the
-paper's λ for the suite size (0.3 for 8 tasks, 0.1 for more; OPCM paper Appendix C.1.1).
+default) run on the first ``sweep_orders`` orders and are scored on the tasks'
+**validation** split, only the entries ACC and BWT need; a row that does not set the
+swept parameter then takes the sweep's best value (the paper's way of choosing λ). Rows
+are scored on the **test** split, and every entry of ``results.json`` says which split it
+was scored on. Without a sweep, task arithmetic and TIES take the paper's λ for the suite
+size (0.3 for 8 tasks, 0.1 for more; OPCM paper Appendix C.1.1).
+
+At the end every row is compared with a reference row (``paired_reference``, OPCM by
+default) order by order: ``results["paired"]`` (evaluation/results.py) and the report.
+
+Continual fine-tuning (``continual_ft_orders``) caches each order, and inside an order
+each finished task, so it resumes where it stopped and several runs split its orders
+(continual_ft.py); asking for more orders than a folder's row has recomputes the row
+from the cache.
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import torch
+
 from cmerge.errors import CmergeError
 from cmerge.evaluation.orders import shuffled_orders
 from cmerge.evaluation.report import write_report
-from cmerge.evaluation.results import add_method, add_sweep, load_results, new_results, save_results
-from cmerge.evaluation.runner import evaluate_reference, materialize, run_method, score
+from cmerge.evaluation.results import (
+    add_method, add_sweep, load_results, new_results, refresh_summaries, save_results,
+)
+from cmerge.evaluation.runner import materialize, run_method, score
 from cmerge.evaluation.sweep import check_param, run_sweep
 from cmerge.methods import REGISTRY, get_method_class
 from cmerge.suites.align import MODES as ALIGN_MODES, FinalNormAligner
 from cmerge.suites.claims import claim_each
 from cmerge.suites.backbone import base_fingerprint, load_backbone
 from cmerge.suites.continual_ft import METHOD_NAME as CONTINUAL_FT, continual_finetuning_entry
-from cmerge.suites.experts import build_experts
+from cmerge.suites.experts import build_experts, task_fingerprint
 from cmerge.suites.finetune import FinetuneRecipe
+from cmerge.suites.sources import packages
 from cmerge.suites.text import TextSuiteEvaluator
-from cmerge.suites.text_data import SETUP_HINT, TASKS_8, TASKS_14, TextTask, load_task, missing_sources
+from cmerge.suites.text_data import (
+    DATA_RECIPE_VERSION, SETUP_HINT, SPLITS, TASKS_8, TASKS_14, TextTask, cache_root, load_task, missing_sources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +83,7 @@ EXPERT_SETS = ("standard", "linear")
 GRID_01 = tuple(round(0.1 * i, 1) for i in range(1, 11))
 DEFAULT_GRIDS = {("task_arithmetic", "lam"): GRID_01, ("ties", "lam"): GRID_01, ("opcm", "alpha"): GRID_01}
 SWEEP_ROWS = "diagonal+final"
+ROW_SPLIT, SWEEP_SPLIT = "test", "validation"
 
 
 @dataclass(frozen=True)
@@ -153,7 +175,8 @@ def resolve_params(spec: MethodSpec, sweeps: Mapping[str, dict], n_tasks: int) -
             continue
         if sweep is not None:
             params[p.name] = sweep["best"]["value"]
-            chosen[p.name] = f"best of sweep {spec.method}.{p.name}"
+            split = sweep.get("split")
+            chosen[p.name] = f"best of sweep {spec.method}.{p.name}" + (f" on the {split} split" if split else "")
         elif p.name == "lam":
             params["lam"] = PAPER_LAMBDA[8] if n_tasks <= 8 else PAPER_LAMBDA[14]
             chosen["lam"] = "the paper's value for the suite size"
@@ -177,7 +200,7 @@ def locked_results(path: Path) -> Iterator[dict]:
         save_results(results, path)
 
 
-def _resumable(path: Path, tasks: Sequence[str], orders: list[list[str]], suite: dict) -> dict | None:
+def resumable(path: Path, tasks: Sequence[str], orders: list[list[str]], suite: dict) -> dict | None:
     """The finished part of an earlier run in the same folder, if it ran the same benchmark."""
     if not path.is_file():
         return None
@@ -196,7 +219,9 @@ def load_suite(n_tasks: int) -> dict[str, TextTask]:
         raise CmergeError(f"the text suite has {' or '.join(map(str, SUITES))} tasks, not {n_tasks}.")
     missing = missing_sources(SUITES[n_tasks])
     if missing:
-        raise CmergeError(f"the text suite needs the Debian packages {', '.join(missing)}; run {SETUP_HINT}.")
+        raise CmergeError(f"the {n_tasks}-task text suite lacks the Debian package(s) {', '.join(missing)}; run "
+                          f"{SETUP_HINT} as root, which installs every package the suite reads "
+                          f"({', '.join(packages.ALL)}).")
     return {name: load_task(name) for name in SUITES[n_tasks]}
 
 
@@ -205,14 +230,19 @@ def run_text_bench(
     seed: int = 0, recipe: FinetuneRecipe | None = None, continual_ft_orders: int = 0,
     sweeps: Sequence[str] = (), sweep_orders: int = 1, align_samples: int = 128,
     backbone_folder: Path | None = None, cache_dir: Path | None = None, progress: bool = True,
+    workers: int = 1, paired_reference: str | None = None, rows: str = "all",
 ) -> dict:
     """Run the benchmark over ``tasks`` into ``out_dir`` and return the results document.
 
     ``methods`` defaults to every registered method with its defaults (``"none"``: no
     merging rows, e.g. for a run that only adds continual fine-tuning); ``sweeps`` and
     row syntax are described in the module docstring; ``backbone_folder`` defaults to
-    the packaged all-MiniLM-L6-v2; ``cache_dir`` is the cache root of the experts and
-    the continual fine-tuning matrices.
+    the packaged all-MiniLM-L6-v2; ``cache_dir`` is the cache root of the experts, the
+    reference scores and the continual fine-tuning matrices; ``workers`` is how many
+    tasks an evaluation scores side by side (text.TextSuiteEvaluator; same results);
+    ``paired_reference`` the row every other one is compared with (default ``opcm``);
+    ``rows="diagonal+final"`` scores, in every merging row, only what ACC and BWT need
+    (runner.run_order; the same ACC and BWT, no accuracy curves), as ``--demo`` does.
     """
     if not 0 <= continual_ft_orders <= n_orders:
         raise CmergeError(f"--continual-ft-orders must be between 0 and --orders ({n_orders}), got {continual_ft_orders}.")
@@ -233,89 +263,194 @@ def run_text_bench(
         expert_sets["linear"] = build_experts(backbone, tokenizer, base_folder, tasks.values(),
                                               replace(recipe, linearized=True), cache_dir=cache_dir, progress=progress)
     experts = expert_sets["standard"]
-    evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, max_len=recipe.max_len, logit_scale=recipe.logit_scale)
+    evaluators: dict[str, TextSuiteEvaluator] = {}
+
+    def evaluator(split: str) -> TextSuiteEvaluator:  # built on first use: tokenising a split takes a while
+        if split not in evaluators:
+            evaluators[split] = TextSuiteEvaluator(backbone, tokenizer, tasks, split=split, max_len=recipe.max_len,
+                                                   logit_scale=recipe.logit_scale, workers=workers)
+        return evaluators[split]
+
     orders = shuffled_orders(task_names, n_orders, seed)
-    suite = {"name": "text", "backbone": base_fingerprint(base_folder), "recipe": recipe.to_dict(),
-             "experts": {name: path.name for name, path in experts.items()}}
+    suite = {"name": "text", "data_recipe_version": DATA_RECIPE_VERSION, "backbone": base_fingerprint(base_folder),
+             "recipe": recipe.to_dict(), "experts": {name: path.name for name, path in experts.items()},
+             "splits": {name: {split: len(task.split(split)) for split in SPLITS} for name, task in tasks.items()},
+             "rows_scored": rows}
 
     with results_lock(results_path):  # one process scores the references
-        results = _resumable(results_path, task_names, orders, suite)
+        results = resumable(results_path, task_names, orders, suite)
         if results is None:
-            reference = evaluate_reference(base_folder, experts, evaluator)
-            results = new_results(task_names, reference, seed=seed, suite=suite, orders=orders)
+            reference = reference_scores(base_folder, experts, tasks, evaluator(ROW_SPLIT), cache_dir)
+            results = new_results(task_names, reference, seed=seed, suite=suite, orders=orders,
+                                  reference_split=ROW_SPLIT)
             save_results(results, results_path)
     if "linear" in expert_sets and "finetuned_linear" not in results["reference"]:
-        linear = {t: score(evaluator, materialize(path, f"expert {t!r}"), [t])[0][0]
-                  for t, path in expert_sets["linear"].items()}
+        linear = reference_scores(base_folder, expert_sets["linear"], tasks, evaluator(ROW_SPLIT), cache_dir,
+                                  pretrained=False)["finetuned"]
         results = _update(results_path, lambda r: r["reference"].setdefault("finetuned_linear", linear))
 
     by_name = {sweep.name: sweep for sweep in sweep_specs}
-    for name in _claim_each(out_dir, "sweep", list(by_name)):
-        results = load_results(results_path)
-        if name in results.get("sweeps", {}):
-            log.info("sweep %s: done already (an earlier or concurrent run)", name)
-            continue
-        sweep = by_name[name]
-        entry = run_sweep(sweep.method, sweep.param, list(sweep.values), base_folder, experts, evaluator,
-                          orders=orders[:sweep_orders], progress=progress, rows=SWEEP_ROWS)
-        log.info("sweep %s: best %s (ACC %.1f)", name, entry["best"]["value"], entry["best"]["acc_mean"])
-        results = _update(results_path, lambda r: _add_new(r, "sweeps", name, entry))
-
     by_label = {spec.label: spec for spec in specs}
-    for label in _claim_each(out_dir, "row", list(by_label)):
-        results = load_results(results_path)
-        if label in results["methods"]:
-            log.info("%s: done already (an earlier or concurrent run)", label)
-            continue
-        spec = by_label[label]
-        params, chosen = resolve_params(spec, results.get("sweeps", {}), len(task_names))
-        post_step = None
-        if spec.align != "off":
-            post_step = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align, samples=align_samples,
-                                         max_len=recipe.max_len)
-        entry = run_method(spec.method, params, base_folder, expert_sets[spec.experts], evaluator, orders,
-                           progress=progress, desc=label, post_step=post_step)
-        entry["experts"] = spec.experts
-        if post_step is not None:
-            entry["alignment"] = post_step.params
-        if chosen:
-            entry["chosen"] = chosen
-        results = _update(results_path, lambda r: _add_new(r, "methods", label, entry))
-    if continual_ft_orders and CONTINUAL_FT not in load_results(results_path)["methods"]:
-        entry = continual_finetuning_entry(backbone, tokenizer, base_folder, tasks, orders[:continual_ft_orders],
-                                           recipe, evaluator, cache_dir=cache_dir, progress=progress)
-        results = _update(results_path, lambda r: _add_new(r, "methods", CONTINUAL_FT, entry))
-    if evaluator.task_evaluations:
-        results = _update(results_path, lambda r: _add_timing(r, evaluator.task_evaluations, evaluator.seconds))
-    results = load_results(results_path)
+    independent = [label for label, spec in by_label.items() if not _needs_sweep(spec, sweep_specs)]
+    # First what no other run holds: the free sweeps, then the rows no sweep decides; then,
+    # waiting, the sweeps other runs hold, and every row left.
+    for wait in (False, True):
+        for name in claim_in(out_dir, "sweep", list(by_name), wait=wait):
+            if name in load_results(results_path).get("sweeps", {}):
+                log.info("sweep %s: done already (an earlier or concurrent run)", name)
+                continue
+            sweep = by_name[name]
+            entry = run_sweep(sweep.method, sweep.param, list(sweep.values), base_folder, experts,
+                              evaluator(SWEEP_SPLIT), orders=orders[:sweep_orders], progress=progress, rows=SWEEP_ROWS)
+            entry["split"] = SWEEP_SPLIT
+            for value_entry in entry["entries"]:
+                value_entry["split"] = SWEEP_SPLIT
+            log.info("sweep %s: best %s (ACC %.1f on %s)", name, entry["best"]["value"], entry["best"]["acc_mean"],
+                     SWEEP_SPLIT)
+            results = record(results_path, "sweeps", name, entry)
+        for label in claim_in(out_dir, "row", independent if not wait else list(by_label), wait=wait):
+            results = load_results(results_path)
+            if label in results["methods"]:
+                log.info("%s: done already (an earlier or concurrent run)", label)
+                continue
+            spec = by_label[label]
+            params, chosen = resolve_params(spec, results.get("sweeps", {}), len(task_names))
+            post_step = None
+            if spec.align != "off":
+                post_step = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align, samples=align_samples,
+                                             max_len=recipe.max_len)
+            entry = run_method(spec.method, params, base_folder, expert_sets[spec.experts], evaluator(ROW_SPLIT),
+                               orders, progress=progress, desc=label, post_step=post_step, rows=rows)
+            entry["experts"] = spec.experts
+            entry["split"] = ROW_SPLIT
+            if post_step is not None:
+                entry["alignment"] = post_step.params
+            if chosen:
+                entry["chosen"] = chosen
+            results = record(results_path, "methods", label, entry)
+
+    if continual_ft_orders:
+        existing = load_results(results_path)["methods"].get(CONTINUAL_FT)
+        if existing is None or len(existing["orders"]) < continual_ft_orders:
+            entry = continual_finetuning_entry(backbone, tokenizer, base_folder, tasks, orders[:continual_ft_orders],
+                                               recipe, evaluator(ROW_SPLIT), cache_dir=cache_dir, progress=progress)
+            entry["split"] = ROW_SPLIT
+            results = record(results_path, "methods", CONTINUAL_FT, entry, replace_fewer_orders=True)
+    spent = [e for e in evaluators.values() if e.task_evaluations]
+    if spent:
+        results = _update(results_path, lambda r: add_timing(r, sum(e.task_evaluations for e in spent),
+                                                              sum(e.seconds for e in spent)))
+    results = _update(results_path, lambda r: _refresh_paired(r, paired_reference))
     write_report(results, out_dir, title=f"Continual merging on the {len(task_names)}-task text suite")
     return results
 
 
-def _claim_each(out_dir: Path, kind: str, names: Sequence[str]) -> Iterator[str]:
+def reference_scores(
+    base_folder: Path, experts: Mapping[str, Path], tasks: Mapping[str, TextTask], evaluator: TextSuiteEvaluator,
+    cache_dir: Path | None = None, *, pretrained: bool = True,
+) -> dict[str, dict[str, float]]:
+    """The reference rows (``runner.evaluate_reference``'s numbers): the pre-trained model on every
+    task, each expert on its own task, in percent.
+
+    Each score is a pure function of the weights, the task's split and the evaluator's
+    settings, so it is cached on disk (``<cache>/text-scores/``), keyed by the backbone's
+    fingerprint or the expert's folder name (which holds the expert's key), the task's
+    fingerprint, the split, the settings and the torch version. Every run into a new
+    folder (``make demo`` among them) then skips these 2 × T evaluations.
+    """
+    folder = (Path(cache_dir) if cache_dir is not None else cache_root()) / "text-scores"
+    settings = [evaluator.split, evaluator.max_len, evaluator.batch_size, evaluator.logit_scale, torch.__version__]
+
+    def path(model_id: str, task: str) -> Path:
+        payload = json.dumps([model_id, task_fingerprint(tasks[task]), *settings])
+        return folder / f"{task}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}.json"
+
+    def scored(model_id: str, load: Callable[[], Mapping], names: Sequence[str]) -> dict[str, float]:
+        cached = {t: _read_score(path(model_id, t)) for t in names}
+        todo = [t for t in names if cached[t] is None]
+        if todo:
+            accs, _ = score(evaluator, load(), todo)
+            for t, acc in zip(todo, accs):
+                cached[t] = acc
+                _write_score(path(model_id, t), acc)
+        return {t: cached[t] for t in names}
+
+    out: dict[str, dict[str, float]] = {}
+    if pretrained:
+        out["pretrained"] = scored(base_fingerprint(base_folder), lambda: materialize(base_folder, "the base model"),
+                                   list(experts))
+    out["finetuned"] = {t: scored(Path(p).name, lambda p=p, t=t: materialize(p, f"expert {t!r}"), [t])[t]
+                        for t, p in experts.items()}
+    return out
+
+
+def _read_score(path: Path) -> float | None:
+    try:
+        return float(json.loads(path.read_text())["accuracy_percent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_score(path: Path, accuracy_percent: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"accuracy_percent": accuracy_percent}) + "\n")
+    os.replace(tmp, path)
+
+
+def record(path: Path, kind: str, name: str, entry: dict, *, replace_fewer_orders: bool = False) -> dict:
+    """Add a row (``kind="methods"``) or a sweep (``"sweeps"``) to the results on disk, under the lock.
+
+    A name another run into the same folder finished first is kept, unless
+    ``replace_fewer_orders`` and the kept row ran on fewer orders than ``entry``.
+    Returns the document as written.
+    """
+    if kind not in ("methods", "sweeps"):
+        raise ValueError(f"kind must be 'methods' or 'sweeps', got {kind!r}")
+
+    def add(results: dict) -> None:
+        old = results.get(kind, {}).get(name)
+        if old is not None and replace_fewer_orders and len(old["orders"]) < len(entry["orders"]):
+            del results[kind][name]
+            old = None
+        if old is not None:
+            log.info("%s: another run into this folder finished it first; keeping that one", name)
+        elif kind == "methods":
+            add_method(results, name, entry)
+        else:
+            add_sweep(results, entry, name)
+
+    return _update(path, add)
+
+
+def _refresh_paired(results: dict, reference: str | None) -> None:
+    """The paired comparisons of the rows so far; a named reference that is not (yet) a row is kept for later."""
+    if reference is not None and reference not in results["methods"]:
+        results["paired"] = {"reference": reference, "rows": {}}
+        return
+    refresh_summaries(results, reference)
+
+
+def _needs_sweep(spec: MethodSpec, sweeps: Sequence[SweepSpec]) -> bool:
+    """Whether a sweep chooses one of the row's parameters (the row must wait for it)."""
+    return any(s.method == spec.method and s.param not in spec.params for s in sweeps)
+
+
+def claim_in(out_dir: Path, kind: str, names: Sequence[str], wait: bool = True) -> Iterator[str]:
     """:func:`claims.claim_each` over rows or sweeps, with their locks in ``out_dir/.locks``."""
     folder = out_dir / ".locks"
     folder.mkdir(exist_ok=True)
-    return claim_each(names, lambda name: folder / f"{kind}-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock")
+    return claim_each(names, lambda name: folder / f"{kind}-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock",
+                      wait=wait)
 
 
-def _add_timing(results: dict, evaluations: int, seconds: float) -> None:
+def add_timing(results: dict, evaluations: int, seconds: float) -> None:
     """Add one run's evaluation count and time to the folder's totals."""
     t = results.get("timing") or {}
     n = int(t.get("task_evaluations", 0))
     total = n * float(t.get("seconds_per_task_evaluation", 0.0)) + seconds
     results["timing"] = {"task_evaluations": n + evaluations,
                          "seconds_per_task_evaluation": total / max(1, n + evaluations)}
-
-
-def _add_new(results: dict, kind: str, name: str, entry: dict) -> None:
-    """Add a row (kind "methods") or a sweep unless a concurrent run into the same folder finished it first."""
-    if name in results.get(kind, {}):
-        log.info("%s: another run into this folder finished it first; keeping that one", name)
-    elif kind == "methods":
-        add_method(results, name, entry)
-    else:
-        add_sweep(results, entry, name)
 
 
 def _update(path: Path, change: Callable[[dict], Any]) -> dict:

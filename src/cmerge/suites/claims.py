@@ -12,15 +12,16 @@ from typing import Callable, Iterator, Sequence, TypeVar
 T = TypeVar("T")
 
 
-def claim_each(items: Sequence[T], lock_path: Callable[[T], Path]) -> Iterator[T]:
+def claim_each(items: Sequence[T], lock_path: Callable[[T], Path], *, wait: bool = True) -> Iterator[T]:
     """Yield each item once, while holding its lock file (``lock_path(item)``).
 
     First the items no other process holds (non-blocking), then, waiting, the rest: so
     runs started together split the work, and an item whose process died is taken over.
-    The caller re-checks under the claim whether the item is done already.
+    ``wait=False`` stops after the first pass (the held items are not yielded). The
+    caller re-checks under the claim whether the item is done already.
     """
     yielded: set[int] = set()
-    for blocking in (False, True):
+    for blocking in ((False, True) if wait else (False,)):
         for i, item in enumerate(items):
             if i in yielded:
                 continue

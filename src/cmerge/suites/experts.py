@@ -9,7 +9,7 @@ An expert is a loadable Hugging Face folder::
         config.json, tokenizer files, ...   copied from the backbone's folder
 
 ``key`` hashes everything that determines the weights: the recipe, the task's data
-(name, labels, descriptions, splits), the backbone's weights file, the start point and
+(name, labels, descriptions, the three splits), the backbone's weights file, the start point and
 :data:`TRAINER_VERSION` (bump it when the training code changes its results). A changed
 recipe therefore lands in a new folder; nothing is ever overwritten. A folder is written
 beside its final name and renamed into place, so a crash leaves no half expert.
@@ -22,8 +22,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -32,11 +30,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cmerge.fsutil import cached_folder
 from cmerge.io import content_hash, copy_aux_files, open_source
 from cmerge.suites.backbone import WEIGHTS_FILE, base_fingerprint, load_weights
+from cmerge.suites.claims import claim_each
 from cmerge.suites.finetune import FinetuneRecipe, finetune
 from cmerge.suites.heads import zero_shot_head
-from cmerge.suites.text_data import TextTask, cache_root
+from cmerge.suites.text_data import SPLITS, TextTask, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ INFO_FILE = "recipe.json"
 
 
 def task_fingerprint(task: TextTask) -> str:
-    """sha256 over a task's name, labels, descriptions and both splits."""
+    """sha256 over a task's name, labels, descriptions and its three splits."""
     payload = [task.name, list(task.labels), list(task.descriptions),
-               [list(x) for x in task.train], [list(x) for x in task.test]]
+               *([list(x) for x in getattr(task, split)] for split in SPLITS)]
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -98,23 +98,15 @@ def write_expert(
             if t.shape != ref.shape:
                 raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, the base's {tuple(ref.shape)}")
             tensors[name] = t
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         save_file({n: t.detach().contiguous() for n, t in exp_avg_sq.items()}, str(tmp / SECOND_MOMENTS_FILE),
                   metadata=dict(moments_metadata or {}))
         copy_aux_files(Path(base_folder), tmp)
         (tmp / INFO_FILE).write_text(json.dumps(dict(info), indent=2) + "\n")
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not is_expert(folder):  # not a lost race with another writer: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return cached_folder(folder, fill, is_expert)  # another writer that finished first wins; same content
 
 
 def load_second_moments(folder: Path) -> dict[str, torch.Tensor]:
@@ -166,6 +158,19 @@ def build_experts(
     backbone: torch.nn.Module, tokenizer, base_folder: Path, tasks: Iterable[TextTask], recipe: FinetuneRecipe,
     *, cache_dir: Path | None = None, progress: bool = True,
 ) -> dict[str, Path]:
-    """Task name → expert folder for each task (see :func:`train_expert`), fine-tuning only the missing ones."""
-    return {task.name: train_expert(backbone, tokenizer, base_folder, task, recipe, cache_dir=cache_dir,
+    """Task name → expert folder for each task (see :func:`train_expert`), fine-tuning only the missing ones.
+
+    Runs sharing the cache split the missing experts: each is claimed with a lock beside
+    its folder, a run trains the ones no other run holds and then waits for the others.
+    """
+    tasks = list(tasks)
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    base_fp = base_fingerprint(base_folder)
+    folders = {task.name: expert_dir(cache, task.name, expert_key(recipe, task, base_fp)) for task in tasks}
+    missing = [task for task in tasks if not is_expert(folders[task.name])]
+    if missing:
+        folders[missing[0].name].parent.mkdir(parents=True, exist_ok=True)
+    for task in claim_each(missing, lambda task: folders[task.name].with_name(folders[task.name].name + ".lock")):
+        train_expert(backbone, tokenizer, base_folder, task, recipe, cache_dir=cache, progress=progress)
+    return {task.name: train_expert(backbone, tokenizer, base_folder, task, recipe, cache_dir=cache,
                                     progress=progress) for task in tasks}

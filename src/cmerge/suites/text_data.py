@@ -13,9 +13,12 @@ description per class, and a seed. :func:`build_task` turns a recipe into a
 2. dedupe case-insensitively; a text found under two classes is dropped from both;
 3. drop classes with fewer than ``min_per_class`` texts;
 4. take the same number of texts from every class where possible (water-filling up to
-   ``train + test``, at most ``max_per_class``), then put the same share of each class,
-   ``test / (train + test)``, into the test split;
-5. shuffle with the task's seed.
+   ``train + validation + test``, at most ``max_per_class``);
+5. split three ways, stratified (every class gives each split the same share of its
+   texts). Where the pool holds fewer texts than the three sizes ask for, the test split
+   keeps its size as long as that leaves half of the pool for the other two, and train
+   and validation share the rest in proportion to their sizes (:func:`split_totals`);
+6. shuffle each split with the task's seed.
 
 Given the same package files, the result is identical on every machine and every run.
 :func:`load_task` caches it as JSON; the file name holds :data:`DATA_RECIPE_VERSION`,
@@ -34,16 +37,19 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from cmerge.errors import CmergeError
-from cmerge.suites.sources import ClassSpec, Pools, emoji, fortunes, rpackages, wordnet
+from cmerge.suites.sources import ClassSpec, Pools, emoji, fortunes, packages, rpackages, wordnet
 
 __all__ = [
-    "DATA_RECIPE_VERSION", "RECIPES", "TASKS_8", "TASKS_14", "MissingSourceError",
-    "SourceRoots", "SplitSizes", "TaskRecipe", "TextTask", "build_task", "clean_text",
-    "default_cache_dir", "load_task", "missing_sources",
+    "DATA_RECIPE_VERSION", "RECIPES", "SPLITS", "TASKS_8", "TASKS_14", "MissingSourceError",
+    "SourceRoots", "SplitSizes", "TaskRecipe", "TextTask", "build_task", "clean_pools", "clean_text",
+    "default_cache_dir", "load_task", "missing_sources", "share_counts", "split_totals", "water_fill",
 ]
 
-DATA_RECIPE_VERSION = 1
-"""Bump when the shared steps (cleaning, dedupe, sampling, splitting) change."""
+DATA_RECIPE_VERSION = 2
+"""Bump when the shared steps (cleaning, dedupe, sampling, splitting) change.
+Version 2 added the validation split and grew the test split from 300 to 500 texts."""
+
+SPLITS = ("train", "validation", "test")
 
 SETUP_HINT = "scripts/setup_text_suite.sh"
 
@@ -59,8 +65,15 @@ class TextTask:
     name: str                       # e.g. "wordnet_noun"
     labels: list[str]               # short class names
     descriptions: list[str]         # one sentence per class, for the zero-shot head
-    train: list[tuple[str, int]]    # (text, label index)
-    test: list[tuple[str, int]]     # disjoint from train
+    train: list[tuple[str, int]]       # (text, label index)
+    validation: list[tuple[str, int]]  # for choosing a method's knobs; disjoint from train and test
+    test: list[tuple[str, int]]        # what the benchmark reports; disjoint from the other two
+
+    def split(self, name: str) -> list[tuple[str, int]]:
+        """The examples of split ``name`` (one of :data:`SPLITS`)."""
+        if name not in SPLITS:
+            raise CmergeError(f"a text task has the splits {', '.join(SPLITS)}, not {name!r}.")
+        return getattr(self, name)
 
 
 # --- where the sources are --------------------------------------------------------
@@ -127,18 +140,27 @@ class Requirement:
 
 @dataclass(frozen=True)
 class SplitSizes:
-    """How many texts a task gets: ``train`` + ``test`` in all, classes as equal as the data allow."""
+    """How many texts a task asks for per split, classes as equal as the data allow.
+
+    A pool smaller than ``train + validation + test`` is shared out by :func:`split_totals`.
+    """
 
     train: int = 1500
-    test: int = 300
+    validation: int = 500
+    test: int = 500
     min_per_class: int = 30
     max_per_class: int | None = None
 
     def __post_init__(self):
-        if self.train < 1 or self.test < 1:
-            raise ValueError(f"SplitSizes needs train >= 1 and test >= 1, got {self.train} and {self.test}")
-        if self.min_per_class < 2:
-            raise ValueError(f"SplitSizes.min_per_class must be >= 2 (one train, one test text), got {self.min_per_class}")
+        if min(self.train, self.validation, self.test) < 1:
+            raise ValueError(f"SplitSizes needs at least one text per split, got train={self.train}, "
+                             f"validation={self.validation}, test={self.test}")
+        if self.min_per_class < 3:
+            raise ValueError(f"SplitSizes.min_per_class must be >= 3 (one text per split), got {self.min_per_class}")
+
+    @property
+    def total(self) -> int:
+        return self.train + self.validation + self.test
 
 
 @dataclass(frozen=True)
@@ -175,11 +197,11 @@ def _wordnet(path: str) -> Requirement:
 
 
 def _fortune_file(name: str) -> Requirement:
-    return Requirement("fortunes-min" if name in fortunes.MIN_FILES else "fortunes", "fortunes", name)
+    return Requirement(packages.FORTUNES_MIN if name in fortunes.MIN_FILES else packages.FORTUNES, "fortunes", name)
 
 
 def _r_package(package: str) -> Requirement:
-    return Requirement(f"r-cran-{package.lower()}", "r_packages", f"{package}/data/Rdata.rdx")
+    return Requirement(packages.r_package(package), "r_packages", f"{package}/data/Rdata.rdx")
 
 
 _RECIPE_LIST = [
@@ -209,9 +231,9 @@ _RECIPE_LIST = [
         name="fortune_lang",
         classes=fortunes.LANGUAGE_CLASSES,
         pools=lambda roots: fortunes.language_pools(roots.fortunes, fortunes.LANGUAGE_DIRS),
-        requires=tuple(
-            Requirement(fortunes.LANGUAGE_PACKAGES[k], "fortunes", d or "computers")
-            for k, d in fortunes.LANGUAGE_DIRS.items()
+        requires=(  # English reads every file of the top folder: fortunes' and fortunes-min's
+            _fortune_file("computers"), _fortune_file(fortunes.MIN_FILES[0]),
+            *(Requirement(fortunes.LANGUAGE_PACKAGES[k], "fortunes", d) for k, d in fortunes.LANGUAGE_DIRS.items() if d),
         ),
         seed=104,
         min_chars=20,
@@ -279,7 +301,7 @@ _RECIPE_LIST = [
         classes=fortunes.SPANISH_TOPIC_CLASSES,
         pools=lambda roots: fortunes.topic_pools(roots.fortunes / fortunes.SPANISH_DIR, fortunes.SPANISH_TOPIC_FILES),
         requires=tuple(
-            Requirement("fortunes-es", "fortunes", f"{fortunes.SPANISH_DIR}/{f}")
+            Requirement(packages.FORTUNES_TRANSLATED["es"], "fortunes", f"{fortunes.SPANISH_DIR}/{f}")
             for f in fortunes.SPANISH_TOPIC_FILES.values()
         ),
         seed=114,
@@ -331,7 +353,7 @@ def clean_text(text: str, max_chars: int = 200) -> str:
     return text[:cut] if cut > max_chars // 2 else text[:max_chars]
 
 
-def _clean_pools(raw: Pools, recipe: TaskRecipe) -> list[list[str]]:
+def clean_pools(raw: Pools, recipe: TaskRecipe) -> list[list[str]]:
     """Per class of the recipe (in order): cleaned, deduped, sorted texts."""
     owners: dict[str, set[int]] = {}
     kept: list[dict[str, str]] = []
@@ -351,7 +373,7 @@ def _clean_pools(raw: Pools, recipe: TaskRecipe) -> list[list[str]]:
     ]
 
 
-def _water_fill(counts: Sequence[int], total: int) -> list[int]:
+def water_fill(counts: Sequence[int], total: int) -> list[int]:
     """Per-class quotas summing to ``min(total, sum(counts))``, as equal as the counts allow.
 
     The largest level ``c`` with ``sum(min(n, c)) <= total`` is taken; the remainder goes
@@ -375,17 +397,34 @@ def _water_fill(counts: Sequence[int], total: int) -> list[int]:
     return quotas
 
 
-def _test_counts(quotas: Sequence[int], share: float) -> list[int]:
-    """Per-class test counts: ``share`` of each quota, rounded so the total is ``round(share * sum)``.
+def share_counts(quotas: Sequence[int], share: float, keep: int = 1) -> list[int]:
+    """Per-class counts for one split: ``share`` of each quota, summing to ``round(share * sum)``.
 
-    Largest remainders win the rounding; every class keeps at least one text on each side.
+    Largest remainders win the rounding; every class gives the split at least one text and
+    keeps at least ``keep`` for the splits still to come.
     """
     exact = [q * share for q in quotas]
     counts = [int(x) for x in exact]
     order = sorted(range(len(quotas)), key=lambda i: (counts[i] - exact[i], i))
     for i in order[: round(share * sum(quotas)) - sum(counts)]:
         counts[i] += 1
-    return [min(max(c, 1), q - 1) for c, q in zip(counts, quotas)]
+    return [min(max(c, 1), q - keep) for c, q in zip(counts, quotas)]
+
+
+def split_totals(available: int, sizes: SplitSizes) -> tuple[int, int, int]:
+    """``(train, validation, test)`` totals for a pool of ``available`` texts.
+
+    The asked sizes when the pool is large enough. Otherwise the test split keeps its
+    size while that leaves at least half the pool for the other two (it is what every
+    result is reported on), and train and validation share the rest in proportion to
+    their asked sizes.
+    """
+    if available >= sizes.total:
+        return sizes.train, sizes.validation, sizes.test
+    test = min(sizes.test, available // 2)
+    rest = available - test
+    validation = round(rest * sizes.validation / (sizes.train + sizes.validation))
+    return rest - validation, validation, test
 
 
 def build_task(
@@ -395,7 +434,7 @@ def build_task(
     roots = roots or SourceRoots()
     sizes = sizes or recipe.sizes
     _check_sources(recipe, roots)
-    pools = _clean_pools(recipe.pools(roots), recipe)
+    pools = clean_pools(recipe.pools(roots), recipe)
 
     classes = [(spec, texts) for spec, texts in zip(recipe.classes, pools) if len(texts) >= sizes.min_per_class]
     if len(classes) < 2:
@@ -406,23 +445,26 @@ def build_task(
         )
     cap = sizes.max_per_class
     counts = [len(texts) if cap is None else min(len(texts), cap) for _, texts in classes]
-    quotas = _water_fill(counts, sizes.train + sizes.test)
-    n_test = _test_counts(quotas, sizes.test / (sizes.train + sizes.test))
+    quotas = water_fill(counts, sizes.total)
+    _, n_validation, n_test = split_totals(sum(quotas), sizes)
+    test_counts = share_counts(quotas, n_test / sum(quotas), keep=2)
+    left = [q - k for q, k in zip(quotas, test_counts)]
+    validation_counts = share_counts(left, n_validation / sum(left), keep=1)
 
     rng = random.Random(recipe.seed)
-    train, test = [], []
-    for label, ((_, texts), quota, k) in enumerate(zip(classes, quotas, n_test)):
+    splits: dict[str, list[tuple[str, int]]] = {name: [] for name in SPLITS}
+    for label, ((_, texts), quota, k_test, k_val) in enumerate(zip(classes, quotas, test_counts, validation_counts)):
         chosen = rng.sample(texts, quota)
-        test += [(t, label) for t in chosen[:k]]
-        train += [(t, label) for t in chosen[k:]]
-    rng.shuffle(train)
-    rng.shuffle(test)
+        splits["test"] += [(t, label) for t in chosen[:k_test]]
+        splits["validation"] += [(t, label) for t in chosen[k_test:k_test + k_val]]
+        splits["train"] += [(t, label) for t in chosen[k_test + k_val:]]
+    for name in SPLITS:
+        rng.shuffle(splits[name])
     return TextTask(
         name=recipe.name,
         labels=[spec.label for spec, _ in classes],
         descriptions=[spec.description for spec, _ in classes],
-        train=train,
-        test=test,
+        **splits,
     )
 
 
@@ -490,8 +532,7 @@ def _read_task(path: Path) -> TextTask:
         name=data["name"],
         labels=list(data["labels"]),
         descriptions=list(data["descriptions"]),
-        train=[(str(t), int(y)) for t, y in data["train"]],
-        test=[(str(t), int(y)) for t, y in data["test"]],
+        **{name: [(str(t), int(y)) for t, y in data[name]] for name in SPLITS},
     )
 
 

@@ -12,9 +12,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-from cmerge.suites.sources import ClassSpec, Pools
+from cmerge.suites.sources import ClassSpec, Pools, packages
 
-PACKAGE = "unicode-data"
+PACKAGE = packages.UNICODE
 EMOJI_TEST = Path("emoji") / "emoji-test.txt"
 
 

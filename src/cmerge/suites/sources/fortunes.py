@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from cmerge.suites.sources import ClassSpec, Pools
+from cmerge.suites.sources import ClassSpec, Pools, packages
 
 SEPARATOR = re.compile(r"^%[ \t]*$", re.MULTILINE)
 OVERSTRIKE = re.compile(r"[^\x08]\x08")
@@ -144,10 +144,8 @@ SPANISH_TOPIC_CLASSES = (
 LANGUAGE_DIRS = {
     "en": "", "de": "de", "es": "es", "it": "it", "ru": "ru", "pl": "pl", "cs": "cs", "eo": "eo",
 }
-LANGUAGE_PACKAGES = {
-    "en": "fortunes", "de": "fortunes-de", "es": "fortunes-es", "it": "fortunes-it",
-    "ru": "fortunes-ru", "pl": "fortunes-pl", "cs": "fortunes-cs", "eo": "fortunes-eo",
-}
+LANGUAGE_PACKAGES = {"en": packages.FORTUNES, **packages.FORTUNES_TRANSLATED}
+"""The package of each language's files; English also reads fortunes-min's files (:data:`MIN_FILES`)."""
 LANGUAGE_CLASSES = (
     ClassSpec("en", "english", "a sentence in English"),
     ClassSpec("de", "german", "a sentence in German"),

@@ -23,9 +23,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from cmerge.suites.sources import ClassSpec, Pools
+from cmerge.suites.sources import ClassSpec, Pools, packages
 
-PACKAGE = "wordnet-base"
+PACKAGE = packages.WORDNET
 DATA_FILES = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "r": "data.adv"}
 
 # lexnames(5WN): lexicographer file number -> name (nouns and verbs only).
