@@ -1,6 +1,6 @@
 """Tiny-model builders and slow float64 reference implementations for the core tests.
 
-The references here are written from the papers' equations (REFERENCE_NOTES §1-2), not
+The references here are written from the papers' equations (docs/methods.md), not
 from cmerge: whole models in memory, float64, full SVDs. They are deliberately slow and
 plain so that a reader can check them against the equations line by line.
 """
@@ -331,7 +331,7 @@ def fisher_like(model: Mapping[str, torch.Tensor], seed: int) -> dict:
 
 
 def ref_fisher(base, models, fishers, alpha=0.4, schedule="constant", eps=1e-12) -> list[dict]:
-    """Holistic CMM's during-merging rule (REFERENCE_NOTES §4.2), element by element, on whole models."""
+    """Holistic CMM's during-merging rule (docs/methods.md, "Fisher merging with optimizer states"), element by element, on whole models."""
     b = f64(base)
     out, merged, f_bar = [], None, None
     for t, (m, f) in enumerate(zip(models, fishers), start=1):

@@ -315,7 +315,7 @@ def test_streaming_in_column_chunks_changes_nothing(monkeypatch):
     delta = task_vector_like((24, 50), seed=8, dtype=torch.float64)
     x = task_vector_like((24, 50), seed=9, dtype=torch.float64)
     whole = [opcm_project(delta, x, 0.5, **variant)[0] for variant in VARIANTS]
-    monkeypatch.setattr(linalg, "_CHUNK_ELEMENTS", 24 * 7)  # 8 chunks, the last one short
+    monkeypatch.setattr(linalg, "COLUMN_CHUNK_ELEMENTS", 24 * 7)  # 8 chunks, the last one short
     for variant, p in zip(VARIANTS, whole):
         assert rel(opcm_project(delta, x, 0.5, **variant)[0], p) < 1e-11
         assert rel(opcm_project(delta.T, x.T, 0.5, **variant)[0], p.T) < 1e-11

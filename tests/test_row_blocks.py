@@ -197,7 +197,7 @@ def test_large_items_are_not_read_ahead():
 def test_projection_written_over_its_input_is_the_same(shape, variant, rank, monkeypatch):
     """opcm_project(out=x) gives P(X) bit for bit, also when X is read in several column chunks,
     and for a rank-deficient D (the LAPACK SVD route)."""
-    monkeypatch.setattr("cmerge.linalg._CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr("cmerge.linalg.COLUMN_CHUNK_ELEMENTS", 64)
     g = torch.Generator().manual_seed(5)
     d = torch.randn(*shape, generator=g) @ torch.diag(torch.linspace(1, 0.01, shape[1]))
     if rank is not None:

@@ -54,7 +54,7 @@ _GRAM_TAIL = 1e-3
 # More tail than this fraction of r: the Gram route gives way to the LAPACK SVD.
 _GRAM_MAX_TAIL = 0.25
 # Elements (float64) per column chunk of the streamed products (32 MiB).
-_CHUNK_ELEMENTS = 1 << 22
+COLUMN_CHUNK_ELEMENTS = 1 << 22
 
 
 #: Singular values at most this fraction of the largest count as zero (D is then rank-deficient):
@@ -275,7 +275,7 @@ def _check_pair(delta: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def _column_chunks(m: int, n: int):
-    step = max(1, _CHUNK_ELEMENTS // max(m, 1))
+    step = max(1, COLUMN_CHUNK_ELEMENTS // max(m, 1))
     return [slice(j, min(j + step, n)) for j in range(0, n, step)]
 
 

@@ -12,7 +12,7 @@ The forward pass is a swappable function ``(input_ids, attention_mask) -> featur
 * :func:`plain_forward` runs the encoder (in train mode, so with its dropout);
 * :func:`linearized_forward` runs its first-order Taylor expansion around an anchor θ0,
   ``f(x; θ0) + J_θ f(x; θ0)(θ − θ0)`` (one JVP per forward, dropout off), the tangent-space
-  fine-tuning of the holistic method (REFERENCE_NOTES §4).
+  fine-tuning of the holistic method (docs/methods.md, "The holistic pipeline").
 
 After training, AdamW's raw second moments (``exp_avg_sq``, no bias correction) are
 returned by parameter name: the optimizer-state Fisher of the holistic method.

@@ -1,6 +1,6 @@
 """LoRA on the LLM suite: the recipe, training with peft and AdamW, and ΔW = s · B A.
 
-The seeds' recipe (REFERENCE_NOTES §7): rank 8 on ``q_proj`` and ``v_proj``, AdamW, the
+The seeds' recipe (docs/llm_suite.md, "Experts and trained rows"): rank 8 on ``q_proj`` and ``v_proj``, AdamW, the
 loss being the answer tokens' negative log-likelihood after the instruction prompt
 (:func:`scoring.answer_nll`, the shared prefix computed once per batch). LoRA dropout
 is 0, so an adapter is a deterministic function of its recipe, data and start.

@@ -1,4 +1,4 @@
-"""The rows that train in order: SeqLoRA and SLAO (REFERENCE_NOTES §7).
+"""The rows that train in order: SeqLoRA and SLAO (docs/llm_suite.md, "Experts and trained rows").
 
 **SeqLoRA**: one LoRA fine-tuned task after task; task i starts from the adapter left by
 task i − 1 (a fresh AdamW per task). The model after step i is that adapter.

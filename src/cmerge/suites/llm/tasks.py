@@ -17,7 +17,7 @@ concatenation of separately tokenised pieces: prefix + `` <text>`` (cut to
 ``max_text_tokens``) + end-of-turn and assistant header + the label's tokens. Training
 and scoring use exactly these tokens, so there is no boundary ambiguity.
 
-Settings (REFERENCE_NOTES §7). **standard**: four tasks standing in for O-LoRA's
+Settings (docs/llm_suite.md, "Tasks and prompts"). **standard**: four tasks standing in for O-LoRA's
 AG News / Amazon / DBpedia / Yahoo Answers, in O-LoRA's three fixed orders of its
 standard benchmark (``scripts/order_{1,2,3}.sh`` of its repository)::
 
