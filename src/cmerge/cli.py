@@ -131,6 +131,10 @@ no_project_opt = click.option("--no-project", "no_project", multiple=True, metav
 strict_layers_opt = click.option("--strict-layers", is_flag=True, default=None,
                                  help="refuse, instead of falling back to the name rule, when the architecture in "
                                       "config.json cannot be built or does not place all its linear weights.")
+vocab_opt = click.option("--vocab", type=click.Choice(["base", "union"]), default=None,
+                         help="an expert whose vocabulary grew (resize_token_embeddings): refused (base, the "
+                              "default), or its new rows kept as they are, each from the first expert that has it "
+                              "(union; docs/methods.md).")
 allow_empty_opt = click.option("--allow-empty", is_flag=True, default=None,
                                help="merge a model even if its task vector is zero (identical to the base).")
 dtype_opt = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
@@ -186,21 +190,22 @@ def main() -> None:
 @project_opt
 @no_project_opt
 @strict_layers_opt
+@vocab_opt
 @config_opt
 @quiet_opt
 @method_options
 def init(state: Path, base: Path | None, method: str | None, precision: str | None, project, no_project,
-         strict_layers: bool | None, config_path: Path | None, quiet: bool, **kwargs) -> None:
+         strict_layers: bool | None, vocab: str | None, config_path: Path | None, quiet: bool, **kwargs) -> None:
     """Create a merge STATE folder for BASE and a method (nothing merged yet)."""
     from .state import init_state
 
     cfg = _resolve(config_path, method, kwargs, base=str(base) if base else None, precision=precision,
-                   project=tuple(project), no_project=tuple(no_project), strict_layers=strict_layers)
+                   project=tuple(project), no_project=tuple(no_project), strict_layers=strict_layers, vocab=vocab)
     if cfg.base is None:
         raise CmergeError("give the base model with --base (or `base:` in the --config file).")
     st = init_state(state, cfg.base, cfg.method, precision=cfg.precision, project=cfg.project,
                     no_project=cfg.no_project, strict_layers=cfg.strict_layers, progress=not quiet,
-                    **cfg.method_params())
+                    vocab=cfg.vocab, **cfg.method_params())
     info = st.info()
     click.echo(f"initialised {state}: method {info['method']} {json.dumps(info['params'])}, base {info['base']['path']}")
     click.echo(_describe_tensors(info))
@@ -363,6 +368,7 @@ def methods() -> None:
 @project_opt
 @no_project_opt
 @strict_layers_opt
+@vocab_opt
 @allow_empty_opt
 @click.option("--dry-run", is_flag=True, help="only show how BASE's tensors would be classified (and with --tensors, "
                                                "each of them), then stop.")
@@ -375,7 +381,7 @@ def methods() -> None:
 @quiet_opt
 @method_options
 def merge(models, base, out, method, shuffle, seed, state_dir, precision, project, no_project, strict_layers,
-          allow_empty, dry_run, list_tensors, dtype, shard_size, device, config_path, quiet, **kwargs) -> None:
+          vocab, allow_empty, dry_run, list_tensors, dtype, shard_size, device, config_path, quiet, **kwargs) -> None:
     """Merge MODELS into BASE one at a time (init + add each + export); or the merge a --config file describes."""
     from .config import ModelEntry, check_extras
     from .export import provenance
@@ -393,7 +399,7 @@ def merge(models, base, out, method, shuffle, seed, state_dir, precision, projec
     cfg = _resolve(config_path, method, kwargs, base=str(base) if base else None, models=entries or None,
                    output=str(out) if out else None, precision=precision, project=tuple(project),
                    no_project=tuple(no_project), strict_layers=strict_layers, allow_empty=allow_empty, dtype=dtype,
-                   shard_size=shard_size, device=device)
+                   shard_size=shard_size, device=device, vocab=vocab)
     if given:
         cfg = replace(cfg, models=tuple(
             ModelEntry(m.path, m.name, {**m.extras, **{k: str(files[i]) for k, files in given.items()}})
@@ -422,7 +428,7 @@ def merge(models, base, out, method, shuffle, seed, state_dir, precision, projec
     try:
         st = init_state(state_dir, cfg.base, cfg.method, precision=cfg.precision, project=cfg.project,
                         no_project=cfg.no_project, strict_layers=cfg.strict_layers, progress=not quiet,
-                        **cfg.method_params())
+                        vocab=cfg.vocab, **cfg.method_params())
         click.echo(_describe_tensors(st.info()))
         for m in order:
             entry = st.add(m.path, name=m.name, allow_empty=cfg.allow_empty, device=cfg.device, progress=not quiet,

@@ -56,6 +56,7 @@ class MergeConfig:
     strict_layers: bool = False
     allow_empty: bool = False
     output: str | None = None
+    vocab: str = "base"
 
     def with_flags(self, **flags: Any) -> "MergeConfig":
         """This config with every flag that was given (not None, not empty) put in its place."""
@@ -68,8 +69,9 @@ class MergeConfig:
         return get_method_class(self.method).parse_params(self.params)
 
 
-_STR_KEYS = ("method", "base", "dtype", "device", "precision", "output")
-_CHOICES = {"dtype": ("float32", "float16", "bfloat16", "float64"), "precision": ("float32", "float64")}
+_STR_KEYS = ("method", "base", "dtype", "device", "precision", "output", "vocab")
+_CHOICES = {"dtype": ("float32", "float16", "bfloat16", "float64"), "precision": ("float32", "float64"),
+            "vocab": ("base", "union")}
 
 
 def _where(path: Path, key: str) -> str:

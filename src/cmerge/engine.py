@@ -143,8 +143,9 @@ def check_compatible(plan: Plan, source: TensorSource, what: str) -> None:
         if m.shape != b.shape and len(m.shape) == 2 == len(b.shape) and m.shape[1] == b.shape[1] \
                 and m.shape[0] > b.shape[0] and EMBEDDING_NAME.search(name):
             raise CmergeError(f"{what} has {m.shape[0]} rows in {name!r} where the base has {b.shape[0]}: its "
-                              f"vocabulary grew (resize_token_embeddings); cmerge merges models of one vocabulary, "
-                              f"so merge an expert of the base's vocabulary or shrink it back first.")
+                              f"vocabulary grew (resize_token_embeddings); a merge state made with --vocab union takes "
+                              f"the new rows from the expert that added them (docs/methods.md), any other merge "
+                              f"needs an expert of the base's vocabulary.")
         if m.shape != b.shape:
             raise CmergeError(f"{what}: tensor {name!r} has shape {list(m.shape)} but the base's is {list(b.shape)}.")
         if b.dtype.is_floating_point and not m.dtype.is_floating_point:

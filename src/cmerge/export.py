@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -32,10 +32,11 @@ def provenance(info: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k not in ("classification", "routes")}
 
 
-def retyped_config(folder: Path | None, dtype: str | None) -> str | None:
+def retyped_config(folder: Path | None, dtype: str | None, vocab_size: int | None = None) -> str | None:
     """The base's config.json with its weight dtype (``dtype``, or 4.x's ``torch_dtype``) set to the export's,
-    so that ``from_pretrained(dtype="auto")`` loads what was written; None if there is nothing to change."""
-    if folder is None or dtype is None or not (Path(folder) / "config.json").is_file():
+    so that ``from_pretrained(dtype="auto")`` loads what was written, and with ``vocab_size`` (a grown
+    vocabulary) if given; None if there is nothing to change."""
+    if folder is None or (dtype is None and vocab_size is None) or not (Path(folder) / "config.json").is_file():
         return None
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
@@ -43,30 +44,59 @@ def retyped_config(folder: Path | None, dtype: str | None) -> str | None:
         return None
     if not isinstance(config, dict):
         return None
-    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-    for k in keys:
-        config[k] = dtype
+    if dtype is not None:
+        for k in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+            config[k] = dtype
+    if vocab_size is not None:
+        for holder in (config, config.get("text_config")):  # multimodal configs keep it under text_config
+            if isinstance(holder, dict) and "vocab_size" in holder:
+                holder["vocab_size"] = vocab_size
     return json.dumps(config, indent=2) + "\n"
+
+
+def with_extra_rows(tensors: Iterable[tuple[str, torch.Tensor]], plan: Plan, rows: Mapping[str, torch.Tensor],
+                    dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` (whole or in row blocks) with each grown tensor's extra rows as one more block after its
+    last one, cast like the merged rows (``dtype``, else the base's)."""
+    done: dict[str, int] = {}
+    for name, t in tensors:
+        yield name, t
+        if name in rows:
+            done[name] = done.get(name, 0) + t.shape[0]
+            if done[name] == plan.metas[name].shape[0]:
+                yield name, rows[name].to(dtype or plan.metas[name].dtype)
 
 
 def export_merged(out: str | os.PathLike, plan: Plan, tensors: Iterable[tuple[str, torch.Tensor]],
                   info: Mapping[str, Any], *, dtype: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                   aux_from: Path | None = None, before_commit: Callable[[], None] | None = None,
-                  provenance_record: Mapping[str, Any] | None = None) -> Path:
+                  provenance_record: Mapping[str, Any] | None = None,
+                  extra_rows: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the merged ``tensors`` (sorted names, whole or in row blocks, as ``iter_merged`` yields them).
 
     ``info``: what the model card and ``cmerge_merge.json`` describe (``State.info()`` or the
-    Merger's equivalent); ``provenance_record`` replaces the latter's content if given.
+    Merger's equivalent); ``provenance_record`` replaces the latter's content if given;
+    ``extra_rows``: a grown vocabulary's rows, appended to their tensors (vocab.py), and
+    config.json's ``vocab_size`` set to match.
     """
     out_dtype = parse_dtype(dtype) if dtype else None
+    rows = dict(extra_rows or {})
+
+    def shape(n: str) -> tuple[int, ...]:
+        s = tuple(plan.metas[n].shape)
+        return (s[0] + rows[n].shape[0], *s[1:]) if n in rows else s
+
     specs = [(n, out_dtype if (out_dtype and plan.kinds[n] != PASSTHROUGH) else plan.metas[n].dtype,
-              plan.metas[n].shape) for n in plan.names]
+              shape(n)) for n in plan.names]
+    if rows:
+        tensors = with_extra_rows(tensors, plan, rows, out_dtype if out_dtype else None)
+    vocab_size = max(shape(n)[0] for n in rows) if rows else None
 
     def files() -> dict[str, str]:
         record = dict(provenance_record) if provenance_record is not None else provenance(info)
         out = {"README.md": model_card(info, dtype or "as base"),
                "cmerge_merge.json": json.dumps(record, indent=2) + "\n"}
-        config = retyped_config(aux_from, dtype)
+        config = retyped_config(aux_from, dtype, vocab_size)
         if config is not None:
             out["config.json"] = config
         return out

@@ -27,7 +27,9 @@ from .layers import BY_ARCHITECTURE, BY_NAME, Classification
 from .methods import REGISTRY
 
 FORMAT = "cmerge-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2       # the newest this cmerge reads; a state is written with the lowest that holds it
+BASE_FORMAT_VERSION = 1  # every state without a grown vocabulary
+VOCAB_FORMAT_VERSION = 2  # a state made with --vocab union
 MANIFEST = "manifest.json"
 
 
@@ -117,10 +119,13 @@ class Manifest:
     generation: str | None = None
     steps: list[StepRecord] = field(default_factory=list)
     factored: dict[str, int] = field(default_factory=dict)  # tensors the generation keeps as factors: width
+    vocab: str = "base"        # "union": a grown vocabulary's new rows are kept (vocab.py)
+    vocab_rows: dict[str, int] = field(default_factory=dict)  # grown tensors: rows past the base's
+    vocab_from: str | None = None  # the folder whose config and tokenizer describe the grown vocabulary
     created: str = field(default_factory=now)
     updated: str | None = None
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = BASE_FORMAT_VERSION
     cmerge_version: str = __version__
 
     @property
@@ -133,15 +138,23 @@ class Manifest:
         d["steps"] = [s.to_dict() for s in self.steps]
         if d["updated"] is None:
             del d["updated"]
+        if self.vocab == "base":  # written only when used: older readers then refuse the state (format_version)
+            for k in ("vocab", "vocab_rows", "vocab_from"):
+                del d[k]
+        else:
+            d["format_version"] = max(self.format_version, VOCAB_FORMAT_VERSION)
         return d
 
     def save(self, folder: Path) -> None:
         atomic_write_json(Path(folder) / MANIFEST, self.to_dict())
 
     def with_step(self, record: StepRecord, scalars: Mapping[str, Any], generation: str,
-                  factored: Mapping[str, int]) -> "Manifest":
+                  factored: Mapping[str, int], vocab_rows: Mapping[str, int] | None = None,
+                  vocab_from: str | None = None) -> "Manifest":
         return replace(self, steps=[*self.steps, record], scalars=dict(scalars), generation=generation,
-                       factored=dict(factored), updated=now())
+                       factored=dict(factored), updated=now(),
+                       vocab_rows=dict(self.vocab_rows if vocab_rows is None else vocab_rows),
+                       vocab_from=vocab_from or self.vocab_from)
 
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
@@ -173,9 +186,14 @@ class Manifest:
             m = cls(method=d["method"], params=dict(d["params"]), precision=d["precision"], base=base,
                     scalars=dict(d["scalars"]), generation=d["generation"], steps=steps,
                     factored={str(k): int(v) for k, v in (d.get("factored") or {}).items()}, created=d["created"],
+                    vocab=str(d.get("vocab", "base")),
+                    vocab_rows={str(k): int(v) for k, v in (d.get("vocab_rows") or {}).items()},
+                    vocab_from=d.get("vocab_from"),
                     updated=d.get("updated"), format=d["format"], format_version=version,
                     cmerge_version=d.get("cmerge_version", "?"))
             base.plan()  # every dtype named is known
+            if m.vocab not in ("base", "union") or (m.vocab_rows and m.vocab != "union"):
+                raise ValueError(f"vocab {m.vocab!r} with grown rows {sorted(m.vocab_rows)}")
         except CmergeError:
             raise
         except Exception as exc:

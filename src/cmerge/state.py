@@ -6,6 +6,7 @@ Layout of a state folder::
                              scalars (λ_t, …), the step log, the current generation (manifest.py)
     gen-000003/accumulators.safetensors   the method's per-tensor accumulators after step 3,
                              one tensor "<accumulator>/<tensor name>" per accumulator and tensor
+    gen-000003/vocab_rows.safetensors     with --vocab union: a grown vocabulary's rows past the base's
     .lock                    held by a running `add` (exclusive) or `export` (shared)
 
 A step writes ``gen-00000t.partial/``, renames it to ``gen-00000t/`` and then switches the
@@ -37,6 +38,7 @@ from .layers import Classification, classify
 from .lowrank import LowRank
 from .manifest import MANIFEST, BaseRecord, Manifest, StepRecord, TensorRecord, file_fingerprints
 from .methods import Method, get_method
+from .vocab import MODES as VOCAB_MODES, BaseRowsSource, extended_rows, grown_rows, load_rows, save_rows
 from .checks import check_task_vector, global_norm, norm64, precision_dtype
 
 LOCK = ".lock"
@@ -112,8 +114,10 @@ class AccumulatorFile:
 
 def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "opcm", *,
                precision: str = "float32", project: Sequence[str] = (), no_project: Sequence[str] = (),
-               strict_layers: bool = False, progress: bool = False, **params: Any) -> "State":
+               strict_layers: bool = False, progress: bool = False, vocab: str = "base", **params: Any) -> "State":
     """Create a merge state at ``path`` for ``base`` and a registered method (nothing merged yet).
+
+    ``vocab``: "base" refuses experts whose vocabulary grew; "union" keeps their new rows (vocab.py).
 
     The state is written in ``PATH.partial/`` and renamed into place: a killed `init` leaves
     no state (and the next `init` removes its leftovers), never half of one.
@@ -124,6 +128,10 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
         raise CmergeError("an on-disk merge state needs the base model as a path; use cmerge.Merger for in-memory models.")
     m = get_method(method, **params)
     compute = precision_dtype(precision)
+    if vocab not in VOCAB_MODES:
+        raise CmergeError(f"vocab must be one of {', '.join(VOCAB_MODES)}, got {vocab!r}.")
+    if vocab == "union" and m.space == "lora":
+        raise CmergeError(f"method {m.name} merges LoRA factors, which cannot grow a vocabulary; use --vocab base.")
     if looks_like_hub_id(str(base)):  # a hub id: the local snapshot of its weights, config and tokenizer
         base = download(str(base))
     base_path = Path(base).resolve()
@@ -146,7 +154,8 @@ def init_state(path: str | os.PathLike, base: str | os.PathLike, method: str = "
         norm=global_norm(norms), files=file_fingerprints(src.files),
         tensors={n: TensorRecord(list(metas[n].shape), dtype_name(metas[n].dtype), cls.kinds[n], cls.routes[n])
                  for n in sorted(metas)})
-    manifest = Manifest(method=m.name, params=m.p, precision=precision, base=base_record, scalars=m.initial_scalars())
+    manifest = Manifest(method=m.name, params=m.p, precision=precision, base=base_record, scalars=m.initial_scalars(),
+                        vocab=vocab)
     with new_folder(path, f"another cmerge init is creating {path}; wait for it.", STATE_FOLDER) as tmp:
         (tmp / LOCK).touch()  # part of the state from the start: a refused first `add` then changes no file
         manifest.save(tmp)
@@ -208,6 +217,8 @@ class State:
             "summary": cls.summary(), "projected": cls.projected(),
             "classification": cls.kinds, "routes": cls.routes,
             "scalars": m.scalars, "generation": m.generation, "factored": m.factored,
+            **({"vocab": {"mode": m.vocab, "new_rows": m.vocab_rows, "tokenizer_from": m.vocab_from}}
+               if m.vocab != "base" else {}),
             "steps": [s.to_dict() for s in m.steps],
         }
 
@@ -269,7 +280,12 @@ class State:
             method, plan = self.method, self.plan
             base = self._base_source()
             incoming = open_source(model, mapped=True, base=base)
-            check_compatible(plan, incoming, incoming.description)
+            grown = grown_rows(plan, incoming) if self.manifest.vocab == "union" else {}
+            if grown and getattr(incoming, "deltas", False):
+                raise CmergeError(f"{incoming.description} is a LoRA adapter with more vocabulary rows than the base; "
+                                  f"merge the model it was merged into instead.")
+            step_source = BaseRowsSource(incoming, plan, grown) if grown else incoming
+            check_compatible(plan, step_source, incoming.description)
             extra_srcs = resolve_extras(method, model, extras)
             sha = content_digest(incoming)  # before any compute: a duplicate is refused at once
             for s in self.steps:
@@ -279,7 +295,7 @@ class State:
             made_for = self._check_adapter_base(incoming, force)
             self._check_base_unchanged(base)
             t = len(self.steps) + 1
-            factored = plan_factored(method, plan, incoming, t, self.manifest.factored)
+            factored = plan_factored(method, plan, step_source, t, self.manifest.factored)
             final, partial = self.path / _gen_dir(t), self.path / (_gen_dir(t) + ".partial")
             partial.mkdir()
             sink = AccumulatorFile(partial / ACCUMULATORS, plan, method, self.compute_dtype, t, factored)
@@ -289,12 +305,14 @@ class State:
                           device=device, progress=progress, desc=f"step {t}: {name or incoming.description}")
             started = time.time()
             try:
-                out = run_step(method, self.manifest.scalars, t, plan, step_base, incoming, self.accumulators(),
+                out = run_step(method, self.manifest.scalars, t, plan, step_base, step_source, self.accumulators(),
                                sink, extras=extra_srcs, factored=factored, options=opt)
                 if not deltas and step_base.digest() != self.manifest.base.sha256:
                     raise self._changed_base()
                 check_task_vector(out.tau_norm, self.manifest.base.norm, incoming.description, allow_empty)
                 sink.writer.close()
+                rows, added = extended_rows(self.vocab_rows(), incoming, plan, grown)
+                save_rows(partial, rows)
             except BaseException:
                 sink.writer.abort()
                 shutil.rmtree(partial, ignore_errors=True)
@@ -309,7 +327,9 @@ class State:
                                 summary=method.step_summary(out.scalars), protected_rank=out.notes or None,
                                 extras=inputs or None)
             old = self.manifest.generation
-            new_manifest = self.manifest.with_step(record, out.scalars, final.name, factored)
+            vocab_from = str(incoming.folder) if added and incoming.folder is not None else None
+            new_manifest = self.manifest.with_step(record, out.scalars, final.name, factored,
+                                                   {n: r.shape[0] for n, r in rows.items()}, vocab_from)
             new_manifest.save(self.path)
             self.manifest = new_manifest
             if old is not None:
@@ -351,17 +371,28 @@ class State:
                     raise self._changed_base()
 
             info = self.info()
+            rows = self.vocab_rows()
+            aux = Path(self.manifest.vocab_from) if rows and self.manifest.vocab_from else base.folder
             return export_merged(out, self.plan, tensors, info, dtype=dtype, shard_size=shard_size,
-                                 aux_from=base.folder, before_commit=base_unchanged, provenance_record=provenance)
+                                 aux_from=aux, before_commit=base_unchanged, provenance_record=provenance,
+                                 extra_rows=rows)
 
     def export_lora(self, out: str | os.PathLike, *, rank: int | None = None, dtype: str | None = None) -> LoraExport:
         """Write the merged task vector as one PEFT LoRA adapter for the same base (export.export_lora):
         exact without ``rank``, else each module's best rank-``rank`` approximation, its error recorded."""
         with self._lock(exclusive=False):
             self._load_for_export()
+            if self.manifest.vocab_rows:
+                raise CmergeError("this merge grew the vocabulary, and a LoRA adapter cannot carry new embedding "
+                                  "rows; export the full model instead.")
             return export_lora(out, self.plan, self.method, self.manifest.scalars, self.accumulators(),
                                self.manifest.factored, self.info(), base_folder=self._base_source().folder,
                                rank=rank, dtype=dtype)
+
+    def vocab_rows(self) -> dict[str, torch.Tensor]:
+        """The grown vocabulary's rows past the base's, per tensor, after the last step (vocab.py); {} if none."""
+        gen = self.path / self.manifest.generation if self.manifest.generation else None
+        return load_rows(gen, self.manifest.vocab_rows)
 
     def _load_for_export(self) -> None:
         self.manifest = Manifest.load(self.path)
