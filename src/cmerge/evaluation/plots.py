@@ -115,28 +115,34 @@ def plot_lambdas(lambdas: Mapping[str, Curve], path: str | Path) -> Path:
 def plot_similarity(matrix: Sequence[Sequence[float]], names: Sequence[str], path: str | Path) -> Path:
     """Heatmap of the pairwise cosine similarity of task vectors (paper Fig. 4, 9-11).
 
-    The colour scale spans the off-diagonal values (the diagonal is 1 by definition),
-    so small similarities stay visible; every cell is annotated when there are ≤ 20.
+    The colour scale spans the off-diagonal values, centred on 0; the diagonal (1 by
+    definition) is drawn grey, so it neither saturates the scale nor looks like a high
+    similarity. Every cell is annotated when there are ≤ 20 models, in scientific notation
+    when the off-diagonal values are all below 0.01 in magnitude.
     """
     m = np.asarray(matrix, dtype=float)
     n = len(names)
-    off = m[~np.eye(n, dtype=bool)] if n > 1 else np.array([1.0])
+    diagonal = np.eye(n, dtype=bool)
+    off = m[~diagonal] if n > 1 else np.array([1.0])
     scale = float(np.nanmax(np.abs(off))) if np.isfinite(off).any() else 1.0
     scale = scale if scale > 0 else 1.0
     size = max(4.0, 0.45 * n + 2.0)
     fig = _figure(size + 1.0, size)
     ax = fig.add_subplot()
-    image = ax.imshow(m, cmap="RdBu_r", vmin=-scale, vmax=scale)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    cmap = matplotlib.colormaps["RdBu_r"].copy()
+    cmap.set_bad("lightgrey")
+    image = ax.imshow(np.ma.masked_array(m, mask=diagonal | ~np.isfinite(m)), cmap=cmap, vmin=-scale, vmax=scale)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity (off the diagonal)")
     ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), names, fontsize=8)
+    fmt = "{:.1e}" if scale < 0.01 else "{:.2f}"
     if n <= 20:
         for i in range(n):
             for j in range(n):
                 if np.isfinite(m[i, j]):
-                    strong = abs(m[i, j]) > 0.6 * scale
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if strong else "black")
+                    strong = i != j and abs(m[i, j]) > 0.6 * scale
+                    ax.text(j, i, f"{m[i, j]:.2f}" if i == j else fmt.format(m[i, j]), ha="center", va="center",
+                            fontsize=6 if scale < 0.01 else 7, color="white" if strong else "black")
     ax.set_title("cosine similarity of task vectors")
     return _save(fig, path)
 
