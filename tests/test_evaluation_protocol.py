@@ -185,3 +185,16 @@ def test_similarity_command(suite, tmp_path):
     assert neither.exit_code == 2
     missing = CliRunner().invoke(main, ["similarity", str(paths[0]), str(tmp_path / "nope.pt"), "--json"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_the_similarity_heatmap_scales_to_the_off_diagonal_values(tmp_path):
+    """The user report: a ±0.00035 scale with the diagonal (1.0) drawn as the same dark red as the maximum."""
+    from cmerge.evaluation.plots import plot_similarity, similarity_colours
+
+    m = np.eye(3) + np.array([[0, 2e-4, -3.5e-4], [2e-4, 0, 1e-4], [-3.5e-4, 1e-4, 0]])
+    shown, scale = similarity_colours(m)
+    assert scale == pytest.approx(3.5e-4)
+    assert shown.mask.diagonal().all() and not shown.mask[~np.eye(3, dtype=bool)].any()
+    m[0, 1] = float("nan")
+    assert similarity_colours(m)[0].mask[0, 1] and similarity_colours(np.eye(2))[1] == 1.0
+    assert plot_similarity(m.tolist(), ["a", "b", "c"], tmp_path / "s.png").stat().st_size > 0

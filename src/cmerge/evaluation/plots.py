@@ -112,6 +112,16 @@ def plot_lambdas(lambdas: Mapping[str, Curve], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def similarity_colours(m: np.ndarray) -> tuple[np.ma.MaskedArray, float]:
+    """What the heatmap colours: ``m`` with its diagonal and non-finite cells masked, and the half-width of the
+    colour scale (the largest off-diagonal magnitude; 1 when there is none)."""
+    n = m.shape[0]
+    diagonal = np.eye(n, dtype=bool)
+    off = np.abs(m[~diagonal & np.isfinite(m)])
+    scale = float(off.max()) if off.size and off.max() > 0 else 1.0
+    return np.ma.masked_array(m, mask=diagonal | ~np.isfinite(m)), scale
+
+
 def plot_similarity(matrix: Sequence[Sequence[float]], names: Sequence[str], path: str | Path) -> Path:
     """Heatmap of the pairwise cosine similarity of task vectors (paper Fig. 4, 9-11).
 
@@ -122,16 +132,13 @@ def plot_similarity(matrix: Sequence[Sequence[float]], names: Sequence[str], pat
     """
     m = np.asarray(matrix, dtype=float)
     n = len(names)
-    diagonal = np.eye(n, dtype=bool)
-    off = m[~diagonal] if n > 1 else np.array([1.0])
-    scale = float(np.nanmax(np.abs(off))) if np.isfinite(off).any() else 1.0
-    scale = scale if scale > 0 else 1.0
+    shown, scale = similarity_colours(m)
     size = max(4.0, 0.45 * n + 2.0)
     fig = _figure(size + 1.0, size)
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["RdBu_r"].copy()
     cmap.set_bad("lightgrey")
-    image = ax.imshow(np.ma.masked_array(m, mask=diagonal | ~np.isfinite(m)), cmap=cmap, vmin=-scale, vmax=scale)
+    image = ax.imshow(shown, cmap=cmap, vmin=-scale, vmax=scale)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity (off the diagonal)")
     ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), names, fontsize=8)
