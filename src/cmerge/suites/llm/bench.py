@@ -78,7 +78,7 @@ PUBLISHED = {"SeqLoRA": (76.0, 68.7), "O-LoRA": (77.2, 73.5), "MagMax": (80.3, 7
              "OPCM (on A and B)": (60.2, 50.5), "SLAO": (80.4, 74.8), "Multi-task LoRA": (80.9, 78.1)}
 LEADERBOARD_NAMES = {"seqlora": "SeqLoRA", "slao": "SLAO", "magmax": "MagMax", "opcm:on=ab": "OPCM (on A and B)",
                      "opcm": "OPCM (on ΔW, exact)", "task_arithmetic": "Task arithmetic (ΔW)", "ties": "TIES (ΔW)",
-                     "average": "Average (ΔW)", "dop": "DOP (ΔW)"}
+                     "average": "Average (ΔW)", "dop": "DOP (ΔW)", "nufilt": "NUFILT (ΔW)"}
 
 
 @dataclass(frozen=True)
