@@ -25,13 +25,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from speed import DOC, machine, write_doc  # noqa: E402
 
 from cmerge.evaluation.report import fmt, paired_text, reference_mean, run_text, write_report  # noqa: E402
 from cmerge.evaluation.results import (  # noqa: E402
@@ -53,19 +55,6 @@ DISPLAY = {
 }
 COLUMNS = {8: ("text.json", "text"), 14: ("text14.json", "text14")}
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only, torch {torch.__version__}"
 
 
 def available_rows(rows: list[str]) -> tuple[list[str], list[str]]:
@@ -210,7 +199,6 @@ def publish(args: argparse.Namespace) -> None:
     today = args.date or dt.date.today().isoformat()
     first = columns[min(columns)]
     section = [
-        BEGIN,
         f"## Merge quality on the offline text suite ({' and '.join(str(n) for n in sorted(columns))} tasks)",
         "",
         "all-MiniLM-L6-v2 (22.7 M parameters) fine-tuned on real text classification tasks built from "
@@ -257,15 +245,8 @@ def publish(args: argparse.Namespace) -> None:
     if 8 in columns and any(name in columns[8]["methods"] for name in HOLISTIC_ROWS):
         section += ["### Holistic continual merging: ablation (arXiv 2509.23592), 8 tasks", "",
                     holistic_markdown(columns[8]).rstrip(), ""]
-    section.append(END)
-    doc = ROOT / "docs/benchmarks.md"
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        sys.exit(f"{doc} has no {BEGIN} … {END} section.")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(head + "\n".join(section) + tail)
-    print(f"wrote the quality section of {doc}")
+    write_doc("\n".join(section), DOC, BEGIN, END)
+    print(f"wrote the quality section of {DOC}")
 
 
 def main() -> None:
