@@ -213,9 +213,8 @@ def publish(args: argparse.Namespace) -> None:
         "test texts are not resampled) and the number of orders the row won; an interval that excludes 0 is "
         "what \"A beats B\" needs.",
         "",
-        "- Command: `python benchmarks/text_quality.py run --tasks 8 -o DIR8` and `... --tasks 14 -o DIR14` "
-        "(each started twice to split the rows over two processes), then "
-        "`python benchmarks/text_quality.py publish DIR8 DIR14`. Results: "
+        f"- Command: {args.command}, then "
+        f"`python benchmarks/text_quality.py publish {' '.join('DIR' + str(n) for n in sorted(columns))}`. Results: "
         + ", ".join(f"[results/{COLUMNS[n][0]}](results/{COLUMNS[n][0]})" for n in sorted(columns))
         + "; reports and figures: "
         + ", ".join(f"[reports/{COLUMNS[n][1]}/](reports/{COLUMNS[n][1]}/report.md)" for n in sorted(columns))
@@ -264,6 +263,9 @@ def main() -> None:
     p = sub.add_parser("publish", help="combine result folders and write docs/")
     p.add_argument("folders", nargs="+")
     p.add_argument("--date", default=None)
+    p.add_argument("--command", default="`python benchmarks/text_quality.py run --tasks 8 -o DIR8` and `... "
+                   "--tasks 14 -o DIR14` (each started twice to split the rows over two processes)",
+                   help="how the results were made, as the section should say it (Markdown)")
     p.add_argument("--wall", default=None, help="a sentence on the wall time, e.g. 'Wall time 2 h 10 min. '")
     args = ap.parse_args()
     run(args) if args.command == "run" else publish(args)
