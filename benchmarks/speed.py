@@ -781,8 +781,8 @@ def roofline(results: list[Result], rates: dict) -> list[str]:
               "Dᵀ U, UᵀX, the result) or an SVD and two products (UᵀX, the result); an SVD not timed for a shape "
               "counts as that of its r × r square (a lower estimate). Start-up is not part of the floor (see the "
               "start-up table). *float64*: the float64 kernel against float64 rates; *float32 class*: the float32 "
-              "kernel against float32 rates, whose cheapest route (a float32 `eigh` of the Gram matrix) is 100-700× "
-              "further from float64 than the reference approach (kernel candidates above), so no kernel bound by the "
+              "kernel against float32 rates, whose cheapest route (a float32 `eigh` of the Gram matrix) is many times "
+              "further from float64 than the reference approach (kernel candidates above: the ratio per shape), so no kernel bound by the "
               "reference's error can take it; *float32 admissible*: against the routes that meet that bound (the "
               "kernel's own: a float64 Gram and `eigh` and three float32 products; or a float32 SVD and two "
               "products). *without start-up*: cmerge's time less the median `cmerge add` of a 1-tensor model.", "",
@@ -834,7 +834,7 @@ def targets(results: list[Result], rates: dict | None, startup: dict | None) -> 
                 speed = median(s["ref_wall"]) / median(s["float32_wall"])
                 why = "" if speed >= SPEEDUP_TARGET else (
                     " — the float32 kernel keeps the float64 `eigh` of the Gram matrix (the fast float32 routes are "
-                    "100-700× less exact than the bound allows, see the candidates), and on square weights that `eigh` "
+                    "many times less exact than the bound allows, see the candidates), and on square weights that `eigh` "
                     "alone costs about what the reference's float32 SVD costs; see the floor")
                 out.append(f"- {check(speed >= SPEEDUP_TARGET)} speed float32 kernel, {key} step {t}: {speed:.2f}× "
                            f"faster than the reference approach, start-up and I/O included (target ≥ "
@@ -894,8 +894,8 @@ NOTES = """Notes.
   Gram matrix, its `eigh`, the tail and the rank rule, and does Dᵀ U, UᵀX and the result in float32.
 - Why 3× against the reference is out of reach for a kernel bound by the reference's error: the
   float32 routes that are faster than the float64 `eigh` (a float32 `eigh` of the Gram matrix, with
-  or without a float64 Gram matrix) are 100-700× further from float64 than the reference itself on
-  square weights (the candidates table), and a float32 SVD is no faster than the float64 `eigh` of
+  or without a float64 Gram matrix) are many times further from float64 than the reference itself
+  (the candidates table gives the ratio per shape), and a float32 SVD is no faster than the float64 `eigh` of
   the same r. On a square weight the reference does one float32 SVD and two float32 products with
   its full matrices, which is the floor of that weight within a few tens of per cent; cmerge gains
   on rectangular weights, whose full SVD builds and multiplies the large V (3072² for ViT's MLP,
