@@ -220,9 +220,9 @@ def publish(args: argparse.Namespace) -> None:
         + ", ".join(f"[reports/{COLUMNS[n][1]}/](reports/{COLUMNS[n][1]}/report.md)" for n in sorted(columns))
         + ".",
         f"- Machine: {machine()}. Date: {today}. {args.wall or ''}"
-        + " ".join(f"{n} tasks: {c.get('timing', {}).get('task_evaluations', 0)} task evaluations at "
-                   f"{c.get('timing', {}).get('seconds_per_task_evaluation', 0.0):.2f} s each."
-                   for n, c in sorted(columns.items()))
+        + " ".join(f"{n} tasks: {c['timing']['task_evaluations']} task evaluations at "
+                   f"{c['timing']['seconds_per_task_evaluation']:.2f} s each."
+                   for n, c in sorted(columns.items()) if (c.get("timing") or {}).get("task_evaluations"))
         + " (one thread per process).",
         "",
         "### Table 1 (OPCM paper protocol)",
