@@ -103,6 +103,10 @@ def test_the_state_records_the_rows_and_refuses_a_lora_export(models, tmp_path):
     with pytest.raises(CmergeError, match="cannot carry new embedding rows"):
         st.export_lora(tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+    shutil.rmtree(experts[0])  # the expert whose tokenizer and config the export would take is gone
+    st.export(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == V0 + 3
+    assert load_file(str(tmp_path / "out" / "model.safetensors"))["lm_head.weight"].shape[0] == V0 + 3
 
 
 def test_without_union_the_grown_expert_is_refused_and_nothing_changes(models, tmp_path, cli):

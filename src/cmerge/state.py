@@ -372,7 +372,8 @@ class State:
 
             info = self.info()
             rows = self.vocab_rows()
-            aux = Path(self.manifest.vocab_from) if rows and self.manifest.vocab_from else base.folder
+            grown_from = Path(self.manifest.vocab_from) if rows and self.manifest.vocab_from else None
+            aux = grown_from if grown_from is not None and grown_from.is_dir() else base.folder  # vocab_size set anyway
             return export_merged(out, self.plan, tensors, info, dtype=dtype, shard_size=shard_size,
                                  aux_from=aux, before_commit=base_unchanged, provenance_record=provenance,
                                  extra_rows=rows)
