@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -52,7 +51,6 @@ def gguf_sha256(path: Path) -> str:
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """De-quantize ``gguf`` into a plain float32 Hugging Face folder ``out`` (model, config, tokenizer)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
@@ -85,7 +83,6 @@ def backbone_folder(gguf: Path | None = None, cache_dir: Path | None = None) -> 
 
 def load_backbone(folder: str | Path, device: str | torch.device = "cpu"):
     """``(model, tokenizer)``: the causal LM in eval mode on ``device`` (float32) and its tokenizer."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
