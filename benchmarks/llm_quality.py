@@ -2,7 +2,10 @@
 docs/benchmarks.md (the rows beside the published Llama-2 numbers).
 
     cmerge bench llm --setting standard -o DIR          # the run (resumable; docs/llm_suite.md)
-    python benchmarks/llm_quality.py publish DIR [--command "..."] [--wall "..."]
+    python benchmarks/llm_quality.py publish DIR [--command "..."] [--wall "..."] [--as NAME]
+
+``--as NAME`` publishes a second run beside the first: docs/results/NAME.json,
+docs/reports/NAME/ and its own section (default NAME: llm).
 
 The section says what was run (setting, orders, recipe, test examples), on which machine,
 the cost of one task evaluation and of one adapter as the results record them, and the
@@ -26,7 +29,6 @@ from cmerge.evaluation.results import load_results, refresh_summaries, save_resu
 from cmerge.suites.llm.bench import leaderboard_markdown  # noqa: E402
 from cmerge.suites.text_data import cache_root  # noqa: E402
 
-BEGIN, END = "<!-- llm:begin -->", "<!-- llm:end -->"
 
 
 def adapter_seconds(results: dict) -> list[float]:
@@ -39,14 +41,15 @@ def adapter_seconds(results: dict) -> list[float]:
     return out
 
 
-def section(results: dict, command: str, wall: str, date: str) -> str:
+def section(results: dict, command: str, wall: str, date: str, name: str = "llm") -> str:
     suite = results.get("suite") or {}
     recipe, prompts = suite.get("recipe") or {}, suite.get("prompts") or {}
     timing = results.get("timing") or {}
     per_step = adapter_seconds(results)
     orders = results.get("orders") or []
     lines = [
-        f"## Continual LoRA merging on an instruction LM ({suite.get('setting', '?')} setting)",
+        f"## Continual LoRA merging on an instruction LM ({suite.get('setting', '?')} setting, "
+        f"{len(results.get('orders') or [])} order{'s' if len(results.get('orders') or []) != 1 else ''})",
         "",
         f"SmolLM2-135M-Instruct (de-quantized from the packaged GGUF; [llm_suite.md](llm_suite.md)), "
         f"{len(results['tasks'])} instruction classification tasks ({', '.join(results['tasks'])}), scored by the "
@@ -56,8 +59,9 @@ def section(results: dict, command: str, wall: str, date: str) -> str:
         f"paper Eq. 16) in percent, mean ± std over {len(orders)} of O-LoRA's task orders "
         f"({'; '.join(' → '.join(o) for o in orders)}).",
         "",
-        f"- Command: `{command}`, then `python benchmarks/llm_quality.py publish DIR`. Results: "
-        "[results/llm.json](results/llm.json); report and figures: [reports/llm/](reports/llm/report.md).",
+        f"- Command: `{command}`, then `python benchmarks/llm_quality.py publish DIR"
+        + ("`" if name == "llm" else f" --as {name}`") + f". Results: [results/{name}.json](results/{name}.json); "
+        f"report and figures: [reports/{name}/](reports/{name}/report.md).",
         f"- Machine: {machine()}, CPU only. Date: {date}. {wall}"
         + (f"One task evaluation ({prompts.get('n_test', '?')} examples): "
            f"{timing.get('seconds_per_task_evaluation', 0.0):.0f} s on average over "
@@ -81,13 +85,15 @@ def section(results: dict, command: str, wall: str, date: str) -> str:
 def publish(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
     results = refresh_summaries(load_results(folder / "results.json"))
-    save_results(results, ROOT / "docs/results/llm.json")
+    name = args.name
+    save_results(results, ROOT / f"docs/results/{name}.json")
     setting = (results.get("suite") or {}).get("setting", "standard")
-    write_report(results, ROOT / "docs/reports/llm",
+    write_report(results, ROOT / f"docs/reports/{name}",
                  title=f"Continual LoRA merging, SmolLM2-135M-Instruct, {setting} setting")
     date = args.date or dt.date.today().isoformat()
-    write_doc(section(results, args.command, args.wall, date), DOC, BEGIN, END)
-    print(f"wrote docs/results/llm.json, docs/reports/llm/ and the LLM section of {DOC}")
+    write_doc(section(results, args.command, args.wall, date, name), DOC, f"<!-- {name}:begin -->",
+              f"<!-- {name}:end -->")
+    print(f"wrote docs/results/{name}.json, docs/reports/{name}/ and its section of {DOC}")
 
 
 def main() -> None:
@@ -99,6 +105,7 @@ def main() -> None:
                    help="the command that made the results, as the section should show it")
     p.add_argument("--wall", default="", help="a sentence on the wall time of the run")
     p.add_argument("--date", default=None)
+    p.add_argument("--as", dest="name", default="llm", help="file and section name (default llm)")
     args = ap.parse_args()
     publish(args)
 
