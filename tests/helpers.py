@@ -157,6 +157,15 @@ def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.02) -> dict
 
 # ---------------------------------------------------------------- reference math (float64)
 
+
+def reference_k(s: torch.Tensor, alpha: float) -> int:
+    """Number of i with c_i ≤ alpha (c = cumulative mass, last one exactly 1)."""
+    c = (torch.cumsum(s.double(), 0) / s.double().sum()).tolist()
+    c[-1] = 1.0
+    k = sum(1 for ci in c if ci <= alpha)
+    return 0 if k == len(c) else k
+
+
 def f64(sd: Mapping[str, torch.Tensor]) -> dict:
     return {k: v.double() for k, v in sd.items() if v.dtype.is_floating_point}
 

@@ -26,20 +26,13 @@ VARIANT_IDS = ["default", "keep_diag", "drop_cross", "both"]
 # ---------------------------------------------------------------- references and inputs
 
 
-def reference_k(s: torch.Tensor, alpha: float) -> int:
-    c = (torch.cumsum(s.double(), 0) / s.double().sum()).tolist()
-    c[-1] = 1.0
-    k = sum(1 for ci in c if ci <= alpha)
-    return 0 if k == len(c) else k
-
-
 def reference_float64(delta, x, alpha, keep_diagonal=False, drop_cross_blocks=False):
     """Eq. 9 by the full float64 SVD, with the rank rule (docs/methods.md): only the R nonzero
     singular pairs count (R = those above 1e-10 s_1)."""
     d, x = delta.double(), x.double()
     u, s, vh = torch.linalg.svd(d, full_matrices=True)
     rank = int((s > 1e-10 * s[0]).sum())
-    k = reference_k(s[:rank], alpha)
+    k = helpers.reference_k(s[:rank], alpha)
     c = u.T @ x @ vh.T
     keep = torch.ones_like(c, dtype=torch.bool)
     keep[:k, :k] = False
@@ -55,7 +48,7 @@ def reference_float32(delta, x, alpha, keep_diagonal=False, drop_cross_blocks=Fa
     """The reference approach's arithmetic: everything in float32, full SVD, C = UᵀXV, mask, U C' Vᵀ."""
     d, x = delta.float(), x.float()
     u, s, vh = torch.linalg.svd(d, full_matrices=True)
-    k = reference_k(s, alpha)
+    k = helpers.reference_k(s, alpha)
     c = u.T @ x @ vh.T
     c[:k, :k] = 0
     if drop_cross_blocks:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cmerge import linalg
+from helpers import reference_k
 from cmerge.linalg import FACTORIZATIONS, opcm_project, protected_rank, svd_factors
 
 SHAPES = [(7, 7), (5, 9), (9, 5), (1, 6), (6, 1)]
@@ -14,14 +15,6 @@ VARIANTS = [
     dict(drop_cross_blocks=True),
     dict(keep_diagonal=True, drop_cross_blocks=True),
 ]
-
-
-def reference_k(s: torch.Tensor, alpha: float) -> int:
-    """Number of i with c_i ≤ alpha (c = cumulative mass, last one exactly 1)."""
-    c = (torch.cumsum(s.double(), 0) / s.double().sum()).tolist()
-    c[-1] = 1.0
-    k = sum(1 for ci in c if ci <= alpha)
-    return 0 if k == len(c) else k
 
 
 def reference_project(delta, x, alpha, keep_diagonal=False, drop_cross_blocks=False):
