@@ -133,6 +133,18 @@ def linearized_forward(model: torch.nn.Module, anchor: Mapping[str, torch.Tensor
     return forward
 
 
+def optimizer_step(loss: torch.Tensor, optimizer, scheduler, params, grad_clip: float) -> float:
+    """One training step from ``loss``: gradients, clipping to ``grad_clip`` (0: none), the optimizer and the
+    schedule; returns the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
 def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless batches of indices into ``n`` examples: a fresh shuffle each epoch, no partial batches
     unless ``n < batch_size``."""
@@ -180,13 +192,7 @@ def finetune(
             batch = tokenize(tokenizer, [texts[i] for i in idx.tolist()], recipe.max_len)
             logits = cosine_logits(forward(batch["input_ids"], batch["attention_mask"]), head, recipe.logit_scale)
             loss = F.cross_entropy(logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+            losses.append(optimizer_step(loss, optimizer, scheduler, params, recipe.grad_clip))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if len(losses) == recipe.steps:

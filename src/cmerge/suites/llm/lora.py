@@ -27,7 +27,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from cmerge.suites.finetune import SCHEDULES, FinetuneRecipe, batch_indices
+from cmerge.suites.finetune import SCHEDULES, FinetuneRecipe, batch_indices, optimizer_step
 from cmerge.suites.llm.scoring import answer_nll
 from cmerge.suites.llm.tasks import Prompts
 
@@ -209,13 +209,7 @@ class LoraTrainer:
         for _ in range(steps):
             task, indices = next(batches)
             loss = answer_nll(self.lm, task, indices)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+            losses.append(optimizer_step(loss, optimizer, scheduler, params, recipe.grad_clip))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
