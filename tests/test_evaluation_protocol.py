@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from cmerge.evaluation import TaskResult
 from cmerge.cli import main
 from cmerge.evaluation.report import write_report
-from cmerge.evaluation.results import add_sweep, combine_results, load_results, save_results
-from cmerge.evaluation.runner import run_continual, similarity_block
+from cmerge.evaluation.results import add_sweep, combine_results, extend_entry, load_results, save_results, to_jsonable
+from cmerge.evaluation.runner import run_continual, run_method, similarity_block
 from cmerge.evaluation.similarity import cosine_similarity_matrix
 from cmerge.evaluation.sweep import run_sweep
 from cmerge.evaluation.toy import build_toy_suite
@@ -99,6 +99,20 @@ def test_diagnostics_follow_the_paper(results):
     average = results["methods"]["Average (SWA)"]
     assert "lambdas" not in average
     assert len(average["merged_norms"]) == 3
+
+
+def test_a_row_extended_to_more_orders_is_the_row_run_on_all_of_them(results, suite):
+    whole = results["methods"]["opcm"]
+    orders = whole["orders"]
+    first = run_method("opcm", {"alpha": 0.5}, suite.base, suite.experts, suite, orders[:1], progress=False)
+    rest = run_method("opcm", {"alpha": 0.5}, suite.base, suite.experts, suite, orders[1:], progress=False)
+    extended = extend_entry(json.loads(json.dumps(to_jsonable(first))), rest)  # the first part as read back from disk
+    assert to_jsonable(extended) == to_jsonable(whole)
+    assert len(extended["lambdas"]) == len(extended["task_norms"]) == 3
+    with pytest.raises(CmergeError, match="'params' differs"):
+        extend_entry(first, {**rest, "params": {"alpha": 0.7}})
+    with pytest.raises(CmergeError, match="lacks 'lambdas'"):
+        extend_entry(first, {k: v for k, v in rest.items() if k != "lambdas"})
 
 
 def test_sweep_reports_curve_and_best(results):

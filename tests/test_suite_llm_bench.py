@@ -56,9 +56,12 @@ def test_bench_end_to_end_on_a_tiny_llama(tmp_path, monkeypatch):
                   prompts=PromptConfig(n_test=3, n_validation=2),
                   sweeps=["task_arithmetic:lam=0.2/0.4"], device="cpu", backbone=folder, cache_dir=tmp_path / "cache",
                   progress=False)
-    results = run_llm_bench(tmp_path / "out", **kwargs)
+    first = run_llm_bench(tmp_path / "out", **{**kwargs, "n_orders": 1})
+    results = run_llm_bench(tmp_path / "out", **kwargs)  # extends the one-order run with the second order
 
     assert results["tasks"] == list(STANDARD_TASKS)
+    for name, entry in first["methods"].items():
+        assert results["methods"][name]["matrices"][0] == entry["matrices"][0], name
     assert set(results["reference"]) >= {"pretrained", "finetuned", "multitask"}
     assert list(results["methods"]) == ["opcm:on=ab", "opcm", "average", "seqlora", "slao"]
     for name, entry in results["methods"].items():

@@ -568,7 +568,7 @@ def test_alignment_pulls_merged_features_to_the_previous_model(loaded, base_fold
 
 
 def test_text_bench_writes_results_and_report_and_resumes(base_folder, tmp_path, monkeypatch):
-    from cmerge.evaluation.results import load_results
+    from cmerge.evaluation.results import load_results, save_results
     from cmerge.suites import bench
 
     out, cache = tmp_path / "out", tmp_path / "cache"
@@ -590,6 +590,37 @@ def test_text_bench_writes_results_and_report_and_resumes(base_folder, tmp_path,
     assert again["methods"]["opcm"]["matrices"] == saved["methods"]["opcm"]["matrices"]
     only_ft = bench.run_text_bench(out, TASKS, **{**kwargs, "methods": "none"})
     assert set(only_ft["methods"]) == set(saved["methods"])
+
+    # more orders extend the folder: each row runs only the orders it lacks
+    monkeypatch.undo()
+    ran = []
+
+    def recording(method, params, base, experts, evaluator, orders, **kw):
+        ran.append((method, orders))
+        return run_method(method, params, base, experts, evaluator, orders, **kw)
+
+    run_method = bench.run_method
+    monkeypatch.setattr(bench, "run_method", recording)
+    more = bench.run_text_bench(out, TASKS, **{**kwargs, "n_orders": 2})
+    assert len(more["orders"]) == 2 and more["orders"][0] == saved["orders"][0]
+    assert sorted(ran) == [("average", more["orders"][1:]), ("opcm", more["orders"][1:])]
+    for name in ("opcm", "average"):
+        entry = more["methods"][name]
+        assert entry["orders"] == more["orders"] and entry["matrices"][0] == saved["methods"][name]["matrices"][0]
+        assert len(entry["acc"]) == 2 and entry["acc_mean"] == pytest.approx(sum(entry["acc"]) / 2)
+
+    # fewer orders than the folder's, or another benchmark's folder: refused, the folder unchanged
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(CmergeError, match="more orders than asked for"):
+        bench.run_text_bench(out, TASKS, **kwargs)
+    assert (out / "results.json").read_bytes() == before
+    other = load_results(out / "results.json")
+    other["suite"]["rows_scored"] = "something else"
+    save_results(other, out / "results.json")
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(CmergeError, match="another benchmark"):
+        bench.run_text_bench(out, TASKS, **{**kwargs, "n_orders": 2})
+    assert (out / "results.json").read_bytes() == before
 
 
 def test_concurrent_bench_runs_split_the_rows(base_folder, tmp_path):

@@ -67,6 +67,38 @@ def method_entry(
     return entry
 
 
+def extend_entry(entry: dict, more: dict) -> dict:
+    """``entry`` (one row) run on further orders: ``more``'s orders appended, the summaries recomputed.
+
+    A per-order value is a list with one item per order in both entries (``orders``,
+    ``matrices``, ``loss_matrices``, ``task_norms``, ...): those are concatenated. Every other
+    stored value (method, params, scored rows, split, ...) must agree, since a row is one
+    method with one setting; a CmergeError names the first that does not.
+    """
+    n_old, n_new = len(entry["orders"]), len(more["orders"])
+    if set(entry) != set(more):
+        key = sorted(set(entry) ^ set(more))[0]
+        raise CmergeError(f"cannot extend a row with a run that {'lacks' if key in entry else 'adds'} {key!r}.")
+    orders = [*entry["orders"], *more["orders"]]
+    matrices = [*entry["matrices"], *more["matrices"]]
+    summary = summarize(matrices, orders)
+    extended = {}
+    for key, value in entry.items():
+        other = more[key]
+        if key in summary:
+            continue
+        per_order = (isinstance(value, list) and isinstance(other, list) and len(value) == n_old
+                     and len(other) == n_new)
+        if per_order:
+            extended[key] = [*value, *other]
+        elif to_jsonable(value) == to_jsonable(other):
+            extended[key] = value
+        else:
+            raise CmergeError(f"cannot extend a row with a run whose {key!r} differs ({value!r} against {other!r}).")
+    extended.update(summary)
+    return extended
+
+
 def new_results(
     tasks: Sequence[str],
     reference: Mapping[str, Mapping[str, float]] | None = None,

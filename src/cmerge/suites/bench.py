@@ -8,7 +8,9 @@ evaluation package's report (tables, CSVs, figures).
 
 ``results.json`` is rewritten after every method, and a run pointed at a folder that
 already holds results over the same tasks, orders and recipe keeps the finished methods,
-so an interrupted run continues where it stopped.
+so an interrupted run continues where it stopped. A run over more orders than the
+folder's extends it: each row runs only the orders it lacks. A folder holding another
+benchmark's results is refused, never overwritten.
 
 Several runs may work on the same folder at once: each row and sweep is claimed with a
 lock (``.locks/``), a run skips what another holds and comes back to it at the end, and
@@ -57,7 +59,7 @@ from cmerge.errors import CmergeError
 from cmerge.evaluation.orders import shuffled_orders
 from cmerge.evaluation.report import write_report
 from cmerge.evaluation.results import (
-    add_method, add_sweep, load_results, new_results, refresh_summaries, save_results,
+    add_method, add_sweep, extend_entry, load_results, new_results, refresh_summaries, save_results,
 )
 from cmerge.evaluation.runner import materialize, run_method, score
 from cmerge.evaluation.sweep import check_param, run_sweep
@@ -201,16 +203,41 @@ def locked_results(path: Path) -> Iterator[dict]:
 
 
 def resumable(path: Path, tasks: Sequence[str], orders: list[list[str]], suite: dict) -> dict | None:
-    """The finished part of an earlier run in the same folder, if it ran the same benchmark."""
+    """The finished part of an earlier run in the same folder, or None where the folder holds no results.
+
+    An earlier run of the same benchmark over fewer orders (the first of ``orders``; the
+    orders are drawn one after another, so they are) is taken over: the document now names
+    every order, and :func:`pending_orders` tells each row the orders it has still to run.
+    Results of another benchmark (other tasks, recipe or orders, or more orders than asked
+    for) are never overwritten: a CmergeError says so and the folder is left as it is.
+    Called under :func:`results_lock`.
+    """
     if not path.is_file():
         return None
     try:
         old = load_results(path)
-    except (CmergeError, ValueError, OSError):
-        return None
-    if old.get("tasks") != list(tasks) or old.get("suite") != suite or old.get("orders") != orders:
-        return None
+    except (CmergeError, ValueError, OSError) as err:
+        raise CmergeError(f"{path} cannot be read ({err}); move it away to start a new run in {path.parent}.") from err
+    done = old.get("orders") or []
+    if old.get("tasks") != list(tasks) or old.get("suite") != suite or done != orders[:len(done)]:
+        what = ("more orders than asked for" if orders == done[:len(orders)] and old.get("tasks") == list(tasks)
+                and old.get("suite") == suite else "another benchmark (other tasks, recipe or orders)")
+        raise CmergeError(f"{path.parent} holds the results of {what}; use another output folder, or move "
+                          f"{path.name} away to start again.")
+    if len(done) < len(orders):
+        log.info("%s: extending a run over %d order(s) to %d", path, len(done), len(orders))
+        old["orders"] = [list(o) for o in orders]
+        save_results(old, path)
     return old
+
+
+def pending_orders(entry: dict | None, orders: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The orders a row has still to run: all of them, or those after the ones its entry holds."""
+    done = [] if entry is None else entry["orders"]
+    if done != [list(o) for o in orders[:len(done)]]:
+        raise CmergeError("a row of this folder ran other task orders than the folder names; move results.json away "
+                          "to start again.")
+    return [list(o) for o in orders[len(done):]]
 
 
 def load_suite(n_tasks: int) -> dict[str, TextTask]:
@@ -310,7 +337,8 @@ def run_text_bench(
             results = record(results_path, "sweeps", name, entry)
         for label in claim_in(out_dir, "row", independent if not wait else list(by_label), wait=wait):
             results = load_results(results_path)
-            if label in results["methods"]:
+            todo = pending_orders(results["methods"].get(label), orders)
+            if not todo:
                 log.info("%s: done already (an earlier or concurrent run)", label)
                 continue
             spec = by_label[label]
@@ -320,7 +348,7 @@ def run_text_bench(
                 post_step = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align, samples=align_samples,
                                              max_len=recipe.max_len)
             entry = run_method(spec.method, params, base_folder, expert_sets[spec.experts], evaluator(ROW_SPLIT),
-                               orders, progress=progress, desc=label, post_step=post_step, rows=rows)
+                               todo, progress=progress, desc=label, post_step=post_step, rows=rows)
             entry["experts"] = spec.experts
             entry["split"] = ROW_SPLIT
             if post_step is not None:
@@ -401,9 +429,11 @@ def _write_score(path: Path, accuracy_percent: float) -> None:
 def record(path: Path, kind: str, name: str, entry: dict, *, replace_fewer_orders: bool = False) -> dict:
     """Add a row (``kind="methods"``) or a sweep (``"sweeps"``) to the results on disk, under the lock.
 
-    A name another run into the same folder finished first is kept, unless
-    ``replace_fewer_orders`` and the kept row ran on fewer orders than ``entry``.
-    Returns the document as written.
+    A row the document holds over fewer orders, whose orders ``entry``'s continue (as
+    :func:`pending_orders` gave them), is extended by ``entry``
+    (:func:`~cmerge.evaluation.results.extend_entry`). Otherwise a name another run into
+    the same folder finished first is kept, unless ``replace_fewer_orders`` and the kept row
+    ran on fewer orders than ``entry``. Returns the document as written.
     """
     if kind not in ("methods", "sweeps"):
         raise ValueError(f"kind must be 'methods' or 'sweeps', got {kind!r}")
@@ -413,7 +443,10 @@ def record(path: Path, kind: str, name: str, entry: dict, *, replace_fewer_order
         if old is not None and replace_fewer_orders and len(old["orders"]) < len(entry["orders"]):
             del results[kind][name]
             old = None
-        if old is not None:
+        n = len(old["orders"]) if kind == "methods" and old is not None else 0
+        if n and results.get("orders", [])[n:n + len(entry["orders"])] == entry["orders"]:
+            results[kind][name] = extend_entry(old, entry)
+        elif old is not None:
             log.info("%s: another run into this folder finished it first; keeping that one", name)
         elif kind == "methods":
             add_method(results, name, entry)

@@ -53,8 +53,8 @@ from cmerge.evaluation.sweep import run_sweep
 from cmerge.methods import REGISTRY
 from cmerge.suites.backbone import base_fingerprint
 from cmerge.suites.bench import (ROW_SPLIT, SWEEP_ROWS, SWEEP_SPLIT, add_timing, claim_in, locked_results,
-                                 parse_method_specs, parse_sweep_specs, record, resolve_params, resumable,
-                                 results_lock)
+                                 parse_method_specs, parse_sweep_specs, pending_orders, record, resolve_params,
+                                 resumable, results_lock)
 from cmerge.suites.llm.adapters import AdapterStore
 from cmerge.suites.llm.backbone import backbone_folder, load_backbone
 from cmerge.suites.llm.lora import LoraRecipe, LoraTrainer, adapted_weights, merged_weights
@@ -237,20 +237,22 @@ def run_llm_bench(
     by_label = {r.label: r for r in rows}
     for label in claim_in(out_dir, "row", list(by_label)):
         results = load_results(results_path)
-        if label in results["methods"]:
+        todo = pending_orders(results["methods"].get(label), orders)
+        if not todo:
             log.info("%s: done already (an earlier or concurrent run)", label)
             continue
         row = by_label[label]
         if row.kind in KINDS:
-            entry = sequential_entry(row.kind, orders, data["train"], data["test"], store, evaluator, to_weights,
+            entry = sequential_entry(row.kind, todo, data["train"], data["test"], store, evaluator, to_weights,
                                      progress=progress)
         else:
-            entry = _merge_row(row, results, base, experts, dw_experts, evaluator, to_weights, orders,
+            entry = _merge_row(row, results, base, experts, dw_experts, evaluator, to_weights, todo,
                                rows_scored, progress)
         entry["split"] = ROW_SPLIT
-        log.info("row %s: ACC %.1f ± %.1f, BWT %.1f ± %.1f over %d orders", label, entry["acc_mean"],
-                 entry["acc_std"], entry["bwt_mean"], entry["bwt_std"], len(orders))
         results = record(results_path, "methods", label, entry)
+        entry = results["methods"][label]
+        log.info("row %s: ACC %.1f ± %.1f, BWT %.1f ± %.1f over %d orders", label, entry["acc_mean"],
+                 entry["acc_std"], entry["bwt_mean"], entry["bwt_std"], len(entry["orders"]))
     if evaluator.task_evaluations:
         with locked_results(results_path) as results:
             add_timing(results, evaluator.task_evaluations, evaluator.seconds)
