@@ -220,6 +220,29 @@ def test_export_dtype(tiny, tmp_path, cli, dtype):
     assert f"exported dtype: {dtype}" in (tmp_path / "cast" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("args", [["--help"], ["info", "--help"], ["methods", "--help"], ["--version"]])
+def test_the_command_starts_without_torch_or_transformers(args):
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom cmerge.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    code = e.code\nprint(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
+def test_the_lazily_listed_commands_show_their_own_help_line(cli):
+    from click.utils import make_default_short_help
+
+    from cmerge.cli import LAZY_COMMANDS, main
+
+    listing = cli("--help").stdout
+    for name, (_, line) in LAZY_COMMANDS.items():
+        command = main.get_command(None, name)
+        assert command is not None and command.get_short_help_str(10_000) == line, name
+        assert f"{name}  " in listing and make_default_short_help(line, 40)[:30] in listing, name
+
+
 def test_every_method_flag_in_init_help_and_foreign_flags_refused(tiny, tmp_path, cli):
     help_text = cli("init", "--help").stdout
     merge_help = cli("merge", "--help").stdout

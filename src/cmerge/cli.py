@@ -6,12 +6,16 @@ from the registry's declarations, and every value is parsed by the chosen method
 config.py), whose values the flags override. Bad input ends in one sentence on stderr
 (``error: ...``) and exit status 2.
 
-Start-up: what only some commands need (the config file reader and its YAML parser, the
-state, the export) is imported inside those commands; the options themselves need only the
-registry's declarations.
+Start-up: torch loads with the methods, the state and the export, so none of them is
+imported until a command needs it. The options that come from the registry (``--method``,
+the method flags, the extra inputs) or from the writer (``--shard-size``) are built the
+first time click asks for a command's parameters (:class:`LazyOptionsCommand`), and the
+commands of the evaluation and suites packages are imported only when named
+(:class:`CmergeGroup`); ``cmerge --help`` therefore imports neither torch nor transformers.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import random
@@ -26,14 +30,14 @@ import click
 
 from . import __version__
 from .errors import CmergeError
-from .io import DEFAULT_SHARD_SIZE
-from .methods import REGISTRY, get_method_class
 
 
 # ---------------------------------------------------------------- options derived from the registry
 
 def _declared_params() -> dict[str, dict[str, Any]]:
     """Every declared parameter name → {method: its Param}."""
+    from .methods import REGISTRY
+
     out: dict[str, dict[str, Any]] = {}
     for mname, cls in REGISTRY.items():
         for p in cls.params:
@@ -43,6 +47,8 @@ def _declared_params() -> dict[str, dict[str, Any]]:
 
 def _extra_inputs() -> dict[str, list[str]]:
     """Every declared extra input (e.g. ``fisher``) → the methods that take it."""
+    from .methods import REGISTRY
+
     out: dict[str, list[str]] = {}
     for mname, cls in REGISTRY.items():
         for key in cls.extra_inputs:
@@ -80,6 +86,8 @@ def extra_input_options(multiple: bool) -> Callable[[Callable], Callable]:
 
 def _method_flags(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The method parameter flags that were given; a flag the method does not declare is refused."""
+    from .methods import get_method_class
+
     own = {p.name for p in get_method_class(method).params}
     params = {}
     for name in _declared_params():
@@ -118,8 +126,16 @@ def _resolve(config_path: Path | None, method: str | None, kwargs: dict[str, Any
 config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                           help="a YAML file describing the merge (method, params, base, models, dtype, ...); "
                                "flags override its values.")
-method_opt = click.option("--method", type=click.Choice(sorted(REGISTRY)), default=None,
-                          help="continual merging method (see `cmerge methods`; default opcm).")
+
+
+def method_opt(f: Callable) -> Callable:
+    """``--method``, one of the registered names."""
+    from .methods import REGISTRY
+
+    return click.option("--method", type=click.Choice(sorted(REGISTRY)), default=None,
+                        help="continual merging method (see `cmerge methods`; default opcm).")(f)
+
+
 device_opt = click.option("--device", default=None, help="where to compute: cpu, cuda or auto (default cpu).")
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="no progress bar.")
 precision_opt = click.option("--precision", type=click.Choice(["float32", "float64"]), default=None,
@@ -139,8 +155,39 @@ allow_empty_opt = click.option("--allow-empty", is_flag=True, default=None,
                                help="merge a model even if its task vector is zero (identical to the base).")
 dtype_opt = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
                          help="dtype of the exported weights (default: the base's).")
-shard_opt = click.option("--shard-size", default=None, help=f"largest safetensors shard, e.g. 5GB or 500MB "
-                                                            f"(default {DEFAULT_SHARD_SIZE}).")
+
+
+def shard_opt(f: Callable) -> Callable:
+    """``--shard-size``, with the writer's default."""
+    from .io import DEFAULT_SHARD_SIZE
+
+    return click.option("--shard-size", default=None,
+                        help=f"largest safetensors shard, e.g. 5GB or 500MB (default {DEFAULT_SHARD_SIZE}).")(f)
+
+
+def options(*decorators: Callable[[Callable], Callable]) -> Callable[[], list[click.Parameter]]:
+    """The click parameters ``decorators`` declare, in the order written, built when called."""
+    def build() -> list[click.Parameter]:
+        def holder() -> None: ...
+        for decorate in reversed(decorators):
+            holder = decorate(holder)
+        return list(reversed(holder.__click_params__))
+    return build
+
+
+class LazyOptionsCommand(click.Command):
+    """A command whose ``lazy_options`` (a callable returning click parameters) are built the first
+    time click asks for its parameters: to parse its arguments, to show its help or to complete."""
+
+    def __init__(self, *args: Any, lazy_options: Callable[[], list[click.Parameter]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy_options: Callable[[], list[click.Parameter]] | None = lazy_options
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._lazy_options is not None:
+            self.params.extend(self._lazy_options())
+            self._lazy_options = None
+        return super().get_params(ctx)
 
 
 # ---------------------------------------------------------------- the group
@@ -159,8 +206,34 @@ def _show_notes() -> None:
         logger.propagate = False
 
 
+LAZY_COMMANDS = {  # name -> (module:attribute, its help line, shown by `cmerge --help` without importing it)
+    "bench": ("cmerge.suites.commands:bench_command", "Benchmark continual merging methods on a task suite."),
+    "report": ("cmerge.evaluation.commands:report_command", "Render tables, CSVs and figures from a results JSON."),
+    "similarity": ("cmerge.evaluation.commands:similarity_command",
+                   "Cosine similarity of the task vectors M_i − BASE."),
+}
+
+
 class CmergeGroup(click.Group):
-    """Turns CmergeError into one sentence on stderr and exit status 2."""
+    """Turns CmergeError into one sentence on stderr and exit status 2; imports the commands of
+    :data:`LAZY_COMMANDS` only when one is named (their help line is listed without it)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name][0].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return self.commands.get(name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
+        rows = [(name, self.commands[name].get_short_help_str(limit) if name in self.commands
+                 else click.utils.make_default_short_help(LAZY_COMMANDS[name][1], limit))
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -182,10 +255,9 @@ def main() -> None:
 
 # ---------------------------------------------------------------- commands
 
-@main.command()
+@main.command(cls=LazyOptionsCommand, lazy_options=options(method_opt, method_options))
 @click.argument("state", type=click.Path(path_type=Path))
 @click.option("--base", type=click.Path(path_type=Path), default=None, help="the pre-trained model θ0.")
-@method_opt
 @precision_opt
 @project_opt
 @no_project_opt
@@ -193,7 +265,6 @@ def main() -> None:
 @vocab_opt
 @config_opt
 @quiet_opt
-@method_options
 def init(state: Path, base: Path | None, method: str | None, precision: str | None, project, no_project,
          strict_layers: bool | None, vocab: str | None, config_path: Path | None, quiet: bool, **kwargs) -> None:
     """Create a merge STATE folder for BASE and a method (nothing merged yet)."""
@@ -211,13 +282,12 @@ def init(state: Path, base: Path | None, method: str | None, precision: str | No
     click.echo(_describe_tensors(info))
 
 
-@main.command()
+@main.command(cls=LazyOptionsCommand, lazy_options=options(extra_input_options(multiple=False)))
 @click.argument("state", type=click.Path(path_type=Path))
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--name", default=None, help="a name for this model in the step log (default: file or folder name).")
 @click.option("--force", is_flag=True, help="add the model even if its content hash is already in the log.")
 @allow_empty_opt
-@extra_input_options(multiple=False)
 @device_opt
 @quiet_opt
 def add(state: Path, model: Path, name: str | None, force: bool, allow_empty: bool | None, device: str | None,
@@ -257,11 +327,10 @@ def _lora_rank(value: str | None) -> int | None:
     return rank
 
 
-@main.command()
+@main.command(cls=LazyOptionsCommand, lazy_options=options(shard_opt))
 @click.argument("state", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @dtype_opt
-@shard_opt
 @click.option("--as-lora", "as_lora", is_flag=False, flag_value="exact", default=None, metavar="[RANK]",
               help="write a PEFT LoRA adapter for the same base instead of a full model: exact without RANK, else "
                    "each module's best rank-RANK approximation (errors in its README.md).")
@@ -270,6 +339,7 @@ def _lora_rank(value: str | None) -> int | None:
 def export(state: Path, out: Path, dtype: str | None, shard_size: str | None, as_lora: str | None,
            device: str | None, quiet: bool) -> None:
     """Write the merged model of STATE to the folder OUT (safetensors, config, tokenizer, model card)."""
+    from .io import DEFAULT_SHARD_SIZE
     from .state import open_state
 
     st = open_state(state)
@@ -345,6 +415,8 @@ def _model_info(model: Path, as_json: bool, tensors: bool, project, no_project) 
 @main.command()
 def methods() -> None:
     """List the registered methods and their parameters."""
+    from .methods import REGISTRY
+
     for name, cls in REGISTRY.items():
         click.echo(f"{name}: {cls.summary}")
         for p in cls.params:
@@ -355,11 +427,11 @@ def methods() -> None:
             click.echo(f"    --{key.replace('_', '-')} FILE (default: {filename} beside the model): per-tensor input")
 
 
-@main.command()
+@main.command(cls=LazyOptionsCommand,
+              lazy_options=options(method_opt, shard_opt, extra_input_options(multiple=True), method_options))
 @click.argument("models", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--base", type=click.Path(path_type=Path), default=None, help="the pre-trained model θ0.")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None, help="output model folder.")
-@method_opt
 @click.option("--shuffle", is_flag=True, help="merge in a random order (see --seed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of --shuffle.")
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), default=None,
@@ -374,12 +446,9 @@ def methods() -> None:
                                                "each of them), then stop.")
 @click.option("--tensors", "list_tensors", is_flag=True, help="with --dry-run: list every tensor's classification.")
 @dtype_opt
-@shard_opt
 @device_opt
-@extra_input_options(multiple=True)
 @config_opt
 @quiet_opt
-@method_options
 def merge(models, base, out, method, shuffle, seed, state_dir, precision, project, no_project, strict_layers,
           vocab, allow_empty, dry_run, list_tensors, dtype, shard_size, device, config_path, quiet, **kwargs) -> None:
     """Merge MODELS into BASE one at a time (init + add each + export); or the merge a --config file describes."""
@@ -445,24 +514,6 @@ def merge(models, base, out, method, shuffle, seed, state_dir, precision, projec
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _register_optional_commands() -> None:
-    """Commands from the evaluation and suites packages, when present."""
-    import importlib
-
-    for module, attrs in (("cmerge.evaluation.commands", ("report_command", "similarity_command")),
-                          ("cmerge.suites.commands", ("bench_command",))):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        for attr in attrs:
-            cmd = getattr(mod, attr, None)
-            if cmd is not None:
-                main.add_command(cmd)
-
-
-_register_optional_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()
