@@ -83,7 +83,9 @@ of ``run()`` (import excluded), with FusionBench's own profiler split into loadi
 merging. Beside it, `cmerge add` of expert t to a state holding 1..t − 1 (one step, a
 whole process) for each of ``--kernels``; after the last t the two merged models are
 compared as above (cmerge's export in the models' float32). A fit c + (t − 1)·step of
-FusionBench's times extrapolates to t = 8 when fewer arrivals were timed.
+FusionBench's times extrapolates to t = 8 when fewer arrivals were timed. ``--doc`` writes
+the table into docs/benchmarks.md (between ``<!-- fusionbench-arrivals:begin -->`` and
+``<!-- fusionbench-arrivals:end -->``) with the command, the machine and the date.
 """
 from __future__ import annotations
 
@@ -106,7 +108,10 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from speed import DOC, machine, write_doc  # noqa: E402
 from speed_models import base_tensor, task_vector, vit_b32, write_model  # noqa: E402
+
+BEGIN, END = "<!-- fusionbench-arrivals:begin -->", "<!-- fusionbench-arrivals:end -->"
 
 DEFAULT_FB_PYTHON = "/work/scratch/fbenv/bin/python"
 DEFAULT_FB_PYTHONPATH = "/work/scratch/fb_tf4"
@@ -421,6 +426,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=None, help="where models and outputs go (default: a temporary "
                     "folder for tiny, .cache/fusionbench for b)")
     ap.add_argument("--keep", action="store_true", help="keep the models and merged outputs")
+    ap.add_argument("--doc", action="store_true", help=f"timing mode: write the table into {DOC.name}")
     ap.add_argument("--tol32", type=float, default=TOL32, help=f"float32 threshold (default {TOL32:g})")
     ap.add_argument("--tol64", type=float, default=TOL64, help=f"float64 threshold (default {TOL64:g})")
     ap.add_argument("--fb-python", default=os.environ.get("FB_PYTHON", DEFAULT_FB_PYTHON),
@@ -492,6 +498,7 @@ def timing(a: argparse.Namespace, work: Path, variants: list[str]) -> int:
     head = f"{'t':>3} {'load':>5} {'FB process s':>13} {'run() s':>9} {'loading s':>10} {'merging s':>10} {'s / step':>9}"
     print(head + "".join(f" {'cmerge add ' + k + ' s':>22}" for k in kernels), flush=True)
     fb: dict[int, float] = {}
+    rows: list[str] = []
     for t in steps:
         load = float(open("/proc/loadavg").read().split()[0])
         spec = dict(base=str(folders[0]), models=[str(f) for f in folders[1:t + 1]], alpha=a.alpha,
@@ -505,13 +512,18 @@ def timing(a: argparse.Namespace, work: Path, variants: list[str]) -> int:
         print(f"{t:>3} {load:>5.1f} {fb[t]:>13.1f} {r['wall_s']:>9.1f} {prof.get('loading model', float('nan')):>10.2f} "
               f"{merging:>10.1f} {merging / (t - 1):>9.1f}" + "".join(f" {cm[k][t]:>22.2f}" for k in kernels),
               flush=True)
+        rows.append(f"| {t} | {load:.1f} | {fb[t]:.1f} | {merging:.1f} | {merging / (t - 1):.1f} | "
+                    + " | ".join(f"{cm[k][t]:.2f} | {fb[t] / cm[k][t]:.0f}×" for k in kernels) + " |")
     print(f"(fusion-bench {r['fusion_bench']}, transformers {r['transformers']}, torch {r['torch']})")
+    notes = [f"fusion-bench {r['fusion_bench']}, transformers {r['transformers']}, torch {r['torch']}"]
     if len(fb) >= 2:  # the t-th arrival merges t − 1 steps again: cost ≈ c + (t − 1)·step
         ts = sorted(fb)
         step = (fb[ts[-1]] - fb[ts[0]]) / (ts[-1] - ts[0])
         c = fb[ts[0]] - (ts[0] - 1) * step
-        print(f"FusionBench fit over t = {ts[0]}..{ts[-1]}: ≈ {c:.0f} s + (t − 1) × {step:.0f} s per arrival; "
-              + ", ".join(f"t = {t}: ≈ {c + (t - 1) * step:.0f} s" for t in range(ts[-1] + 1, 9)))
+        fit = (f"FusionBench fit over t = {ts[0]}..{ts[-1]}: ≈ {c:.0f} s + (t − 1) × {step:.0f} s per arrival"
+               + "".join(f"; t = {t}: ≈ {c + (t - 1) * step:.0f} s" for t in range(ts[-1] + 1, 9)))
+        print(fit)
+        notes.append(fit)
     ref = load_tensors(work / "fb-time-merged.safetensors")
     base = load_tensors(folders[0])
     for k in kernels:
@@ -521,10 +533,32 @@ def timing(a: argparse.Namespace, work: Path, variants: list[str]) -> int:
         by_kind, overall, _ = compare(base, ref, load_tensors(out))
         worst = max([overall, *by_kind.values()])
         kinds = ", ".join(f"{kind} {x:.2e}" for kind, x in sorted(by_kind.items()))
-        print(f"merged after t = {last}, cmerge kernel {k} vs FusionBench (float32): {kinds}; overall {overall:.2e}; "
-              f"worst {worst:.2e} vs tol {a.tol32:g}: {'AGREES' if worst <= a.tol32 else 'DIFFERS'}")
+        verdict = (f"merged after t = {last}, cmerge kernel {k} vs FusionBench (float32): {kinds}; overall "
+                   f"{overall:.2e}; worst {worst:.2e} vs tol {a.tol32:g}: {'AGREES' if worst <= a.tol32 else 'DIFFERS'}")
+        print(verdict)
+        notes.append(verdict)
         shutil.rmtree(out, ignore_errors=True)
+    if a.doc:
+        write_doc(arrivals_section(a, kernels, rows, notes), DOC, BEGIN, END)
+        print(f"wrote the table into {DOC}")
     return 0
+
+
+def arrivals_section(a: argparse.Namespace, kernels: list[str], rows: list[str], notes: list[str]) -> str:
+    """The markdown section of the arrival costs: command, machine, date, the table and the notes."""
+    command = "python benchmarks/fusionbench_opcm.py " + " ".join(sys.argv[1:])
+    return "\n".join([
+        "### FusionBench's OPCM: the cost of the t-th arrival", "",
+        f"`{command}` — {time.strftime('%Y-%m-%d')}, machine: {machine()}. Models ({a.models}): {arch_of(a)}, "
+        f"float32, α = {a.alpha}, diagonal {a.diagonal}, one thread on each side. FusionBench keeps no state "
+        "between runs, so the t-th arrival is a fresh `OPCMForCLIP.run()` over the base and experts 1..t (one "
+        "process; *merging* is FusionBench's own profiler entry, *per step* that over t − 1); `cmerge add` folds "
+        "expert t into the state after t − 1 (one whole process, start-up included). *load*: the 1-minute load "
+        "average when the arrival started (other jobs shared the machine).", "",
+        "| t | load | FusionBench process s | merging s | per step s | "
+        + " | ".join(f"cmerge add ({k}) s | FusionBench ÷ cmerge" for k in kernels) + " |",
+        "|---|---|---|---|---|" + "---|---|" * len(kernels),
+        *rows, "", *(f"- {n}" for n in notes)])
 
 
 def cmerge_chains(a: argparse.Namespace, folders: list[Path], last: int, kernels: list[str],

@@ -221,6 +221,8 @@ def ref_dop_model(base, exps, solver="adam", others="pairwise", **kw):
                 new[n] = ref_adam(m[n], tau[n], **kw)[0]
             else:
                 c = kw.get("weights") or schedule_weights(m[n], tau[n])
+                if c == "count":  # the merged model weighs as the t − 1 experts it holds
+                    c = ((t - 1) / t, 1 / t)
                 new[n] = ref_exact(m[n], tau[n], c, 0.99999)
         m = new
         out.append({n: b[n] + m[n] for n in b})
@@ -228,8 +230,9 @@ def ref_dop_model(base, exps, solver="adam", others="pairwise", **kw):
 
 
 @pytest.mark.parametrize("params", [dict(steps=12), dict(solver="exact"), dict(solver="exact", weights="0.6,0.4"),
-                                    dict(solver="exact", others="running")],
-                         ids=["adam", "exact", "exact_weights", "exact_running"])
+                                    dict(solver="exact", others="running"),
+                                    dict(solver="exact", weights="count", others="running")],
+                         ids=["adam", "exact", "exact_weights", "exact_running", "exact_count"])
 def test_merger_matches_whole_model_reference(models, params):
     base, exps = models
     merger = Merger(base, "dop", precision="float64", **params)
@@ -240,7 +243,7 @@ def test_merger_matches_whole_model_reference(models, params):
     assert helpers.max_rel_err(got[0], helpers.f64(exps[0])) < 1e-14  # the first expert as is
     kw = dict(params)
     solver, others = kw.pop("solver", "adam"), kw.pop("others", "pairwise")
-    if "weights" in kw:
+    if kw.get("weights", "count") != "count":
         kw["weights"] = tuple(float(v) for v in kw["weights"].split(","))
     want = ref_dop_model(base, exps, solver, others, **kw)
     for t, (g, w) in enumerate(zip(got[1:], want), start=2):

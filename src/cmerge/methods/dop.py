@@ -330,10 +330,12 @@ def _solve_implicit(blocks, p, a, w) -> torch.Tensor:
     return ((p @ y) @ e.mT) @ t_rows
 
 
-def _parse_weights(text: str) -> tuple[float, float] | None:
-    """None for "schedule"; (c1, 1 − c1) for one number; (c1, c2) for two."""
+def _parse_weights(text: str) -> tuple[float, float] | str | None:
+    """None for "schedule"; "count" as it is; (c1, 1 − c1) for one number; (c1, c2) for two."""
     if text.strip().lower() == "schedule":
         return None
+    if text.strip().lower() == "count":
+        return "count"
     try:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
@@ -342,7 +344,7 @@ def _parse_weights(text: str) -> tuple[float, float] | None:
         return vals[0], 1.0 - vals[0]
     if len(vals) == 2 and all(v >= 0 and math.isfinite(v) for v in vals) and sum(vals) > 0:
         return vals[0], vals[1]
-    raise CmergeError(f"dop: weights must be 'schedule', a number c1 in [0, 1] or two numbers 'c1,c2' ≥ 0 "
+    raise CmergeError(f"dop: weights must be 'schedule', 'count', a number c1 in [0, 1] or two numbers 'c1,c2' ≥ 0 "
                       f"(not both 0), got {text!r}.")
 
 
@@ -364,7 +366,8 @@ class DOP(DeltaMethod):
         Param("proj_space", str, "uv", "loss terms: 'uv' both projections (published), 'u' left only, 'v' right only.",
               ("uv", "u", "v")),
         Param("weights", str, "schedule", "exact solver's c: 'schedule' (the adam solver's EMA with W held at the "
-              "start point), a number c1 in [0, 1], or 'c1,c2'."),
+              "start point), 'count' (c = (t − 1, 1) / t: the merged model weighs as the t − 1 experts it holds; "
+              "ours), a number c1 in [0, 1], or 'c1,c2'."),
         Param("others", str, "pairwise", "non-linear tensors: 'pairwise' (merged + new) / 2 (reference) or "
               "'running' mean of the experts.", ("pairwise", "running")),
     )
@@ -387,13 +390,14 @@ class DOP(DeltaMethod):
             new = own.add_(m).mul_(0.5) if self.p["others"] == "pairwise" else own.sub_(m).div_(s.t).add_(m)
             return TensorUpdate({"M": new})
         if s.tau.ndim == 3:  # a stack of experts' linear weights (MoE): each matrix on its own
-            solved = [self._solve(m[e], s.tau[e]) for e in range(s.tau.shape[0])]
+            solved = [self._solve(m[e], s.tau[e], s.t) for e in range(s.tau.shape[0])]
             return TensorUpdate({"M": torch.stack([x for x, _ in solved])}, note=solved[0][1])
-        x, note = self._solve(m, s.tau)
+        x, note = self._solve(m, s.tau, s.t)
         return TensorUpdate({"M": x}, note=note)
 
-    def _solve(self, m: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """The new merged task vector of one weight matrix, and (k_1, k_2, c_1, c_2) for the step log."""
+    def _solve(self, m: torch.Tensor, tau: torch.Tensor, t: int) -> tuple[torch.Tensor, list]:
+        """The new merged task vector of one weight matrix at step ``t``, and (k_1, k_2, c_1, c_2) for the step
+        log."""
         p = self.p
         common = dict(eps=p["svd_epsilon"], proj_space=p["proj_space"])
         sched = dict(steps=p["steps"], alpha=p["alpha"], beta=p["ema_beta"], mgda=p["mgda"], ema=p["ema"])
@@ -401,7 +405,8 @@ class DOP(DeltaMethod):
             x, c, ks = solve_adam(m, tau, lr=p["lr"], **common, **sched)
         else:
             trips = [top_triplets(t, p["svd_epsilon"]) for t in (m, tau)]
-            c = self.fixed_weights or schedule_weights(m, tau, triplets=trips, **common, **sched)
+            c = ((t - 1) / t, 1 / t) if self.fixed_weights == "count" else (
+                self.fixed_weights or schedule_weights(m, tau, triplets=trips, **common, **sched))
             x = solve_exact(m, tau, c, triplets=trips, **common)
             ks = (trips[0][1].numel(), trips[1][1].numel())
         return x, [ks[0], ks[1], round(c[0], 6), round(c[1], 6)]
