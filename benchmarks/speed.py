@@ -62,12 +62,6 @@ BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
 PROJECTED_KINDS = ("linear", "linear_t")
 KERNELS = ("float64", "float32")
 EXACT_TOL = 1e-6       # the float64 kernel against float64
-STARTUP_TORCH_REASONS = {  # why a start-up row still loads torch, where it does
-    "help": "a command's options come from the registry, whose method modules import torch; cli.py builds them "
-            "only when the command is named (LazyOptionsCommand), so only an older tree loads torch here",
-    "info": "`info` opens the state: state.py and manifest.py import the engine, the methods and the readers, all "
-            "of them on torch; reading the manifest without them would need a torch-free manifest module",
-}
 SPEEDUP_TARGET = 3.0   # the float32 kernel against the reference approach, start-up and I/O included
 FLOOR_TARGET = 1.3     # cmerge's step against the machine's floor, each kernel in its precision
 
@@ -879,8 +873,9 @@ def targets(results: list[Result], rates: dict | None, startup: dict | None) -> 
                 out.append(f"- {check(ok)} start-up, {key}: transformers "
                            f"{'imported' if mods.get('transformers') else 'not imported'}, torch "
                            f"{'imported' if mods.get('torch') else 'not imported'}"
-                           + (f" — {STARTUP_TORCH_REASONS['info' if 'info' in key else 'help']}"
-                              if mods.get("torch") else ""))
+                           + (" — a module imported at start-up loads it (cli.py imports the registry's classes, "
+                              "the state and the export only when a command needs them); `python -X importtime -c "
+                              "'import cmerge.cli'` shows which" if mods.get("torch") else ""))
     out.append("- n/a GPU: no GPU was lent to this task (CI has none either); the batched path was checked on the CPU "
                "for equality with the per-tensor path (tests/test_kernels.py), nothing was timed on a GPU.")
     return out

@@ -220,15 +220,25 @@ def test_export_dtype(tiny, tmp_path, cli, dtype):
     assert f"exported dtype: {dtype}" in (tmp_path / "cast" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["info", "--help"], ["methods", "--help"], ["--version"]])
-def test_the_command_starts_without_torch_or_transformers(args):
+@pytest.mark.parametrize("args", [["--help"], ["info", "--help"], ["methods", "--help"], ["--version"], ["info"],
+                                  ["info", "--json"]])
+def test_the_command_starts_without_torch_or_transformers(args, tiny, tmp_path, cli):
     import subprocess
     import sys
 
+    on_state = args[0] == "info" and "--help" not in args
+    if on_state:  # a merge state with two steps
+        state = tmp_path / "state"
+        assert cli("init", state, "--base", tiny["paths"]["base"], "-q").exit_code == 0
+        for m in ("m0", "m1"):
+            assert cli("add", state, tiny["paths"][m], "-q").exit_code == 0
+        args = [args[0], str(state), *args[1:]]
     probe = ("import sys\nfrom cmerge.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
              "    code = e.code\nprint(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "[]", out
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    if on_state:  # and it shows what the in-process command shows
+        assert done.stdout.strip().splitlines()[:-1] == cli(*args).stdout.strip().splitlines()
 
 
 def test_the_lazily_listed_commands_show_their_own_help_line(cli):

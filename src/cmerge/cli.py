@@ -360,8 +360,7 @@ def export(state: Path, out: Path, dtype: str | None, shard_size: str | None, as
 def info(state: Path, as_json: bool, tensors: bool, project, no_project) -> None:
     """Show a merge STATE (method, parameters, base, steps with λ_t, norms and hashes, tensor classification),
     or, given a MODEL instead, how its tensors would be classified (--project/--no-project as for init)."""
-    from .manifest import MANIFEST
-    from .state import open_state
+    from .manifest import MANIFEST, Manifest
 
     if not (state / MANIFEST).exists() and state.exists():
         _model_info(state, as_json, tensors, project, no_project)
@@ -369,7 +368,7 @@ def info(state: Path, as_json: bool, tensors: bool, project, no_project) -> None
     if project or no_project:
         raise CmergeError("--project and --no-project apply to a model, not to a merge state (whose classification "
                           "was fixed by `cmerge init`).")
-    data = open_state(state).info()
+    data = Manifest.load(state).info(state)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

@@ -32,11 +32,12 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .errors import CmergeError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("cmerge")
 
@@ -137,6 +138,7 @@ def _build_architecture(folder: Path) -> tuple[_Architecture | None, str | None]
     if not cfg_path.exists():
         return None, None  # a plain weights file: the name rule is the only rule, nothing to say
     try:
+        import torch  # with transformers: reading a classification needs neither
         import transformers
         from transformers import AutoConfig
     except ImportError:
@@ -158,6 +160,8 @@ def _build_architecture(folder: Path) -> tuple[_Architecture | None, str | None]
 
 
 def _describe(model: torch.nn.Module) -> _Architecture:
+    import torch
+
     try:
         from transformers.pytorch_utils import Conv1D as conv1d
     except ImportError:

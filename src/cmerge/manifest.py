@@ -16,15 +16,16 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from . import __version__
-from .engine import Plan
 from .errors import CmergeError
 from .fsutil import atomic_write_json
-from .io import TensorMeta, torch_dtype
 from .layers import BY_ARCHITECTURE, BY_NAME, Classification
 from .methods import REGISTRY
+
+if TYPE_CHECKING:
+    from .engine import Plan
 
 FORMAT = "cmerge-state"
 FORMAT_VERSION = 2       # the newest this cmerge reads; a state is written with the lowest that holds it
@@ -56,6 +57,10 @@ class BaseRecord:
     files: dict[str, list[int]] | None = None     # weight file → [size, mtime_ns] at init, a cheap change check
 
     def plan(self) -> Plan:
+        """The engine's plan (imports torch: every dtype named must be one torch knows)."""
+        from .engine import Plan
+        from .io import TensorMeta, torch_dtype
+
         return Plan({n: TensorMeta(tuple(r.shape), torch_dtype(r.dtype)) for n, r in self.tensors.items()},
                     {n: r.kind for n, r in self.tensors.items()})
 
@@ -132,6 +137,25 @@ class Manifest:
     def plan(self) -> Plan:
         return self.base.plan()
 
+    def info(self, folder: Path) -> dict[str, Any]:
+        """What `cmerge info` shows of the state in ``folder``: method, params, base, steps (name, sha256, norm,
+        lambda, …), scalars and the tensor classification. Reads only the manifest (no torch)."""
+        cls = self.base.classification()
+        kinds = list(cls.kinds.values())
+        return {
+            "state": str(folder), "format_version": self.format_version, "method": self.method,
+            "params": self.params, "precision": self.precision,
+            "base": {"path": self.base.path, "sha256": self.base.sha256, "classified_by": cls.how,
+                     "architecture": cls.architecture},
+            "tensors": {k: kinds.count(k) for k in sorted(set(kinds))},
+            "summary": cls.summary(), "projected": cls.projected(),
+            "classification": cls.kinds, "routes": cls.routes,
+            "scalars": self.scalars, "generation": self.generation, "factored": self.factored,
+            **({"vocab": {"mode": self.vocab, "new_rows": self.vocab_rows, "tokenizer_from": self.vocab_from}}
+               if self.vocab != "base" else {}),
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["base"] = asdict(self.base)
@@ -191,7 +215,6 @@ class Manifest:
                     vocab_from=d.get("vocab_from"),
                     updated=d.get("updated"), format=d["format"], format_version=version,
                     cmerge_version=d.get("cmerge_version", "?"))
-            base.plan()  # every dtype named is known
             if m.vocab not in ("base", "union") or (m.vocab_rows and m.vocab != "union"):
                 raise ValueError(f"vocab {m.vocab!r} with grown rows {sorted(m.vocab_rows)}")
         except CmergeError:

@@ -180,6 +180,7 @@ class State:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.manifest = Manifest.load(self.path)
+        self.manifest.base.plan()  # every dtype the base record names is one torch knows (`info` reads no torch)
 
     # ------------------------------------------------------------ reading
     @property
@@ -205,22 +206,7 @@ class State:
 
     def info(self) -> dict[str, Any]:
         """method, params, base, steps (name, sha256, norm, lambda, …), scalars and the tensor classification."""
-        m = self.manifest
-        cls = self.classification
-        kinds = list(cls.kinds.values())
-        return {
-            "state": str(self.path), "format_version": m.format_version, "method": m.method,
-            "params": m.params, "precision": m.precision,
-            "base": {"path": m.base.path, "sha256": m.base.sha256, "classified_by": cls.how,
-                     "architecture": cls.architecture},
-            "tensors": {k: kinds.count(k) for k in sorted(set(kinds))},
-            "summary": cls.summary(), "projected": cls.projected(),
-            "classification": cls.kinds, "routes": cls.routes,
-            "scalars": m.scalars, "generation": m.generation, "factored": m.factored,
-            **({"vocab": {"mode": m.vocab, "new_rows": m.vocab_rows, "tokenizer_from": m.vocab_from}}
-               if m.vocab != "base" else {}),
-            "steps": [s.to_dict() for s in m.steps],
-        }
+        return self.manifest.info(self.path)
 
     def _base_source(self) -> TensorSource:
         bpath = Path(self.manifest.base.path)
