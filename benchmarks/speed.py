@@ -59,6 +59,7 @@ from speed_models import ModelSpec, llama_slice, minilm, vit_b32, write_model  #
 REFERENCE = HERE / "speed_reference.py"
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
+STARTUP_BEGIN, STARTUP_END = "<!-- startup:begin -->", "<!-- startup:end -->"
 PROJECTED_KINDS = ("linear", "linear_t")
 KERNELS = ("float64", "float32")
 EXACT_TOL = 1e-6       # the float64 kernel against float64
@@ -496,19 +497,19 @@ class Bench:
         return out
 
     # -- start-up
-    def startup(self, runs: int) -> dict:
+    def startup(self, runs: int, rev: str = "HEAD") -> dict:
         """Whole-process times of `cmerge --help`, `cmerge info STATE` and an `add` of a one-tensor model, for
-        this tree and the last commit's (git archive), interleaved; and which heavy modules each imports."""
+        this tree and revision ``rev``'s (git archive), interleaved; and which heavy modules each imports."""
         d = self.work / "startup"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
         before = d / "head"
         before.mkdir()
         try:
-            archive = subprocess.run(["git", "archive", "HEAD", "src/cmerge"], cwd=ROOT, capture_output=True,
+            archive = subprocess.run(["git", "archive", rev, "src/cmerge"], cwd=ROOT, capture_output=True,
                                      check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
-            trees = {"before (HEAD)": before / "src", "after (this tree)": ROOT / "src"}
+            trees = {f"before ({rev})": before / "src", "after (this tree)": ROOT / "src"}
         except (OSError, subprocess.CalledProcessError):
             trees = {"after (this tree)": ROOT / "src"}
         from safetensors.torch import save_file
@@ -519,7 +520,7 @@ class Bench:
                  "atexit.register(lambda: print('MODULES ' + json.dumps({m: m in sys.modules for m in "
                  "('torch', 'transformers', 'yaml', 'numpy', 'torch._dynamo')}), file=sys.stderr))\n"
                  "from cmerge.cli import main\nsys.exit(main())")
-        out: dict = {"runs": runs, "rows": {}, "modules": {}}
+        out: dict = {"runs": runs, "rows": {}, "modules": {}, "rev": rev}
         commands = {"python -c 'import torch'": None, "cmerge --help": ["--help"],
                     "cmerge info STATE": ["info", "{state}"], "cmerge add (1-tensor model)": ["add", "{tmp}",
                                                                                             str(d / "one2.safetensors"),
@@ -641,8 +642,8 @@ def first_step(res: Result) -> tuple[int, dict]:
     return t, res.steps[t]
 
 
-def report(results: list[Result], rates: dict | None, cands: dict | None, startup: dict | None,
-           args: argparse.Namespace, started: float, duration: float, left_out: list[str]) -> str:
+def report(results: list[Result], rates: dict | None, cands: dict | None, args: argparse.Namespace, started: float,
+           duration: float, left_out: list[str]) -> str:
     cmd = "python benchmarks/speed.py" + (" --quick" if args.quick else "") + (
         f" --models {args.models}" if args.models != "abc" else "") + (
         f" --threads {args.threads}" if args.threads != 1 else "") + (" --c8" if args.c8 else "")
@@ -737,8 +738,6 @@ def report(results: list[Result], rates: dict | None, cands: dict | None, startu
                          f"| {median(s2['float64_rss']):.0f} |")
             lines.append(f"| {r.flat['spec'].title}{r.note} | {r.flat['spec'].params / 1e6:.0f} M "
                          f"| {fmt_s(r.flat['wall'])} | {r.flat['rss']:.0f} |")
-    if startup:
-        lines += startup_lines(startup)
     prof = [(res, t, s["profile"]) for res in results for t, s in res.steps.items() if s.get("profile")]
     if prof:
         cats = [k for k in next(iter(prof[0][2].values())) if k not in ("wall", "load")]
@@ -757,8 +756,8 @@ def report(results: list[Result], rates: dict | None, cands: dict | None, startu
                 lines.append(f"| {res.spec.key} step {t} | {k} | {fmt_s(row['wall'])} | {row['load']:.1f} | "
                              + " | ".join(fmt_s(row[c]) for c in cats) + " |")
     lines += ["", "### Targets", ""]
-    lines += targets(results, rates, startup)
-    lines += ["", NOTES]
+    lines += targets(results, rates)
+    lines += ["", "Start-up: its own section below (`--startup-only` measures it alone).", "", NOTES]
     return "\n".join(lines)
 
 
@@ -804,20 +803,40 @@ def roofline(results: list[Result], rates: dict) -> list[str]:
 STARTUP_ADD: dict = {}
 
 
-def startup_lines(startup: dict) -> list[str]:
-    lines = ["", "### Start-up", "",
+def startup_section(startup: dict, command: str, started: float) -> str:
+    """The start-up section: command, machine, date, the table and the start-up targets."""
+    rev = startup.get("rev", "HEAD")
+    lines = ["### Start-up (`benchmarks/speed.py`)", "",
+             f"Command: `{command}` — {dt.datetime.fromtimestamp(started).strftime('%Y-%m-%d %H:%M')}; machine: "
+             f"{machine()}.", "",
              f"Whole-process wall time (median of {startup['runs']}, interleaved) of a Python that only imports torch, "
-             "and of three commands with the last commit's source (`git archive HEAD`) and with this tree; *imports*: "
+             f"and of three commands with the source of `{rev}` (`git archive`) and with this tree; *imports*: "
              "which of torch, transformers and PyYAML the command had loaded when it exited.", "",
              "| command | loads | wall s | imports |", "|---|---|---|---|"]
     for key, v in startup["rows"].items():
         mods = startup["modules"].get(key)
         imp = ", ".join(m for m in ("torch", "transformers", "yaml") if mods and mods.get(m)) if mods else "–"
         lines.append(f"| {key} | {fmt_loads(v['load'])} | {fmt_s(median(v['wall']))} | {imp or 'none of them'} |")
-    return lines
+    lines += ["", "Targets:", ""]
+    for key, mods in startup["modules"].items():
+        if "after" not in key:
+            continue
+        if "add" in key:
+            lines.append(f"- {check(not mods.get('transformers'))} start-up, {key}: transformers "
+                         f"{'imported' if mods.get('transformers') else 'not imported'} (a safetensors model does "
+                         "not need it)")
+        else:
+            ok = not mods.get("transformers") and not mods.get("torch")
+            lines.append(f"- {check(ok)} start-up, {key}: transformers "
+                         f"{'imported' if mods.get('transformers') else 'not imported'}, torch "
+                         f"{'imported' if mods.get('torch') else 'not imported'}"
+                         + (" — a module imported at start-up loads it (cli.py imports the registry's classes, "
+                            "the state and the export only when a command needs them); `python -X importtime -c "
+                            "'import cmerge.cli'` shows which" if mods.get("torch") else ""))
+    return "\n".join(lines)
 
 
-def targets(results: list[Result], rates: dict | None, startup: dict | None) -> list[str]:
+def targets(results: list[Result], rates: dict | None) -> list[str]:
     out = []
     for res in results:
         key = res.spec.key
@@ -860,22 +879,6 @@ def targets(results: list[Result], rates: dict | None, startup: dict | None) -> 
             if v:
                 r = median(v["wall"]) / median(v["floor"])
                 out.append(f"- {check(r <= 1.5)} I/O, {key} {what}: {r:.2f}× the I/O floor (target ≤ 1.5×)")
-    if startup:
-        for key, mods in startup["modules"].items():
-            if "after" not in key:
-                continue
-            if "add" in key:
-                out.append(f"- {check(not mods.get('transformers'))} start-up, {key}: transformers "
-                           f"{'imported' if mods.get('transformers') else 'not imported'} (a safetensors model does "
-                           "not need it)")
-            else:
-                ok = not mods.get("transformers") and not mods.get("torch")
-                out.append(f"- {check(ok)} start-up, {key}: transformers "
-                           f"{'imported' if mods.get('transformers') else 'not imported'}, torch "
-                           f"{'imported' if mods.get('torch') else 'not imported'}"
-                           + (" — a module imported at start-up loads it (cli.py imports the registry's classes, "
-                              "the state and the export only when a command needs them); `python -X importtime -c "
-                              "'import cmerge.cli'` shows which" if mods.get("torch") else ""))
     out.append("- n/a GPU: no GPU was lent to this task (CI has none either); the batched path was checked on the CPU "
                "for equality with the per-tensor path (tests/test_kernels.py), nothing was timed on a GPU.")
     return out
@@ -939,6 +942,9 @@ def main() -> None:
                                                       "3.5 GB models)")
     ap.add_argument("--threads", type=int, default=1, help="OpenMP threads of every measured process (default 1)")
     ap.add_argument("--startup-runs", type=int, default=5)
+    ap.add_argument("--startup-only", action="store_true",
+                    help="only the start-up rows (a few seconds each), into their own section of the doc")
+    ap.add_argument("--before", default="HEAD", help="the revision the start-up rows compare this tree with")
     ap.add_argument("--no-candidates", action="store_true", help="skip the kernel candidates")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "speed"))
@@ -953,6 +959,16 @@ def main() -> None:
             args.models = "ac"
     bench = Bench(args)
     started = time.time()
+    doc = Path(args.doc) if args.doc else (None if args.quick else DOC)
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
+    if args.startup_only:
+        text = startup_section(bench.startup(args.startup_runs, args.before), command.strip(), started)
+        print("\n" + text)
+        if doc is not None:
+            write_doc(text, doc, STARTUP_BEGIN, STARTUP_END)
+            print(f"\nwrote {doc}")
+        shutil.rmtree(bench.work, ignore_errors=True)
+        return
     if args.quick:
         specs = {"a": minilm(64, 256, 2, 1000), "b": vit_b32(96, 384, 2, 32, 64, 64),
                  "c": llama_slice(2, 128, 344, 1000, key="c2"), "c8": llama_slice(8, 128, 344, 1000, key="c8")}
@@ -962,7 +978,7 @@ def main() -> None:
                 "reference)", "`average` in the I/O-bound rows (it reads and writes what task arithmetic does)"]
     if not args.c8 and "c" in args.models:
         left_out.append("the flat-memory check on c8 (`--c8`: three 3.5 GB models to write)")
-    startup = bench.startup(args.startup_runs)
+    startup = bench.startup(args.startup_runs, args.before)
     add_key = next((k for k in startup["rows"] if k.startswith("cmerge add") and "after" in k), None)
     if add_key:
         STARTUP_ADD["wall"] = median(startup["rows"][add_key]["wall"])
@@ -1009,11 +1025,12 @@ def main() -> None:
     raw_path = bench.work.parent / ("speed-results-quick.json" if args.quick else "speed-results.json")
     raw_path.write_text(json.dumps({"results": raw, "rates": rates, "candidates": cands, "startup": startup,
                                     "loads": LOADS}, indent=1, default=str) + "\n")
-    text = report(results, rates, cands, startup, args, started, duration, left_out)
-    print("\n" + text)
-    doc = Path(args.doc) if args.doc else (None if args.quick else DOC)
+    text = report(results, rates, cands, args, started, duration, left_out)
+    startup_text = startup_section(startup, command.strip(), started)
+    print("\n" + text + "\n\n" + startup_text)
     if doc is not None:
         write_doc(text, doc)
+        write_doc(startup_text, doc, STARTUP_BEGIN, STARTUP_END)
         print(f"\nwrote {doc}")
     if not args.keep:
         shutil.rmtree(bench.work, ignore_errors=True)
