@@ -493,7 +493,7 @@ def timing(a: argparse.Namespace, work: Path, variants: list[str]) -> int:
           f"{os.environ.get('OMP_NUM_THREADS', '1 (set here)')} on both sides. FusionBench OPCMForCLIP.run(): each t "
           f"is a fresh process over the base and experts 1..t (no state is kept between runs); cmerge: one `cmerge "
           f"add` of expert t to the state after t − 1 (a fresh process; kernels {', '.join(kernels)})")
-    cm = cmerge_chains(a, folders, max(steps), kernels, work)
+    cm, cm_loads = cmerge_chains(a, folders, max(steps), kernels, work)
     last = max(steps)
     head = f"{'t':>3} {'load':>5} {'FB process s':>13} {'run() s':>9} {'loading s':>10} {'merging s':>10} {'s / step':>9}"
     print(head + "".join(f" {'cmerge add ' + k + ' s':>22}" for k in kernels), flush=True)
@@ -513,7 +513,8 @@ def timing(a: argparse.Namespace, work: Path, variants: list[str]) -> int:
               f"{merging:>10.1f} {merging / (t - 1):>9.1f}" + "".join(f" {cm[k][t]:>22.2f}" for k in kernels),
               flush=True)
         rows.append(f"| {t} | {load:.1f} | {fb[t]:.1f} | {merging:.1f} | {merging / (t - 1):.1f} | "
-                    + " | ".join(f"{cm[k][t]:.2f} | {fb[t] / cm[k][t]:.0f}×" for k in kernels) + " |")
+                    + " | ".join(f"{cm[k][t]:.2f} (load {cm_loads[k][t]:.1f}) | {fb[t] / cm[k][t]:.1f}×"
+                                 for k in kernels) + " |")
     print(f"(fusion-bench {r['fusion_bench']}, transformers {r['transformers']}, torch {r['torch']})")
     notes = [f"fusion-bench {r['fusion_bench']}, transformers {r['transformers']}, torch {r['torch']}"]
     if len(fb) >= 2:  # the t-th arrival merges t − 1 steps again: cost ≈ c + (t − 1)·step
@@ -553,8 +554,9 @@ def arrivals_section(a: argparse.Namespace, kernels: list[str], rows: list[str],
         f"float32, α = {a.alpha}, diagonal {a.diagonal}, one thread on each side. FusionBench keeps no state "
         "between runs, so the t-th arrival is a fresh `OPCMForCLIP.run()` over the base and experts 1..t (one "
         "process; *merging* is FusionBench's own profiler entry, *per step* that over t − 1); `cmerge add` folds "
-        "expert t into the state after t − 1 (one whole process, start-up included). *load*: the 1-minute load "
-        "average when the arrival started (other jobs shared the machine).", "",
+        "expert t into the state after t − 1 (one whole process, start-up included); all of cmerge's adds run "
+        "first, then FusionBench's arrivals. *load*: the 1-minute load average when each started (other jobs "
+        "shared the machine).", "",
         "| t | load | FusionBench process s | merging s | per step s | "
         + " | ".join(f"cmerge add ({k}) s | FusionBench ÷ cmerge" for k in kernels) + " |",
         "|---|---|---|---|---|" + "---|---|" * len(kernels),
@@ -562,20 +564,23 @@ def arrivals_section(a: argparse.Namespace, kernels: list[str], rows: list[str],
 
 
 def cmerge_chains(a: argparse.Namespace, folders: list[Path], last: int, kernels: list[str],
-                  work: Path) -> dict[str, dict[int, float]]:
-    """Per kernel, a state with experts 1..last added one `cmerge add` at a time; the wall time of each add."""
+                  work: Path) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """Per kernel, a state with experts 1..last added one `cmerge add` at a time; the wall time of each add and
+    the 1-minute load average when it started."""
     out: dict[str, dict[int, float]] = {}
+    loads: dict[str, dict[int, float]] = {}
     for k in kernels:
         state = work / f"cmerge-time-{k}"
         shutil.rmtree(state, ignore_errors=True)
         flags = ["--alpha", repr(a.alpha), "--kernel", k] + (["--keep-diagonal"] if a.diagonal == "keep" else [])
         run_cmerge(["init", str(state), "--base", str(folders[0]), "--method", "opcm", "-q", *flags])
-        out[k] = {}
+        out[k], loads[k] = {}, {}
         for t in range(1, last + 1):
+            loads[k][t] = float(open("/proc/loadavg").read().split()[0])
             t1 = time.perf_counter()
             run_cmerge(["add", str(state), str(folders[t]), "-q"])
             out[k][t] = time.perf_counter() - t1
-    return out
+    return out, loads
 
 
 def comparison(a: argparse.Namespace, work: Path, variants: list[str]) -> int:

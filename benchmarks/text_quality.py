@@ -52,6 +52,8 @@ DISPLAY = {
     CONTINUAL_FT: "Continual fine-tuning", "average": "SWA (weight average)", "task_arithmetic": "C. task arithmetic",
     "ties": "C. TIES", "magmax": "MagMax", "opcm": "OPCM", "dop:solver=adam": "DOP (Adam, as published)",
     "dop:solver=exact": "DOP (exact minimiser)", "nufilt": "NUFILT", "fisher_merge": "Fisher merge (holistic CMM)",
+    "dop:solver=exact:weights=count:others=running": "DOP exact, c = (t − 1, 1) / t (attempt, ours)",
+    "nufilt:others=average": "NUFILT, other tensors averaged (attempt)",
 }
 COLUMNS = {8: ("text.json", "text"), 14: ("text14.json", "text14")}
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
