@@ -86,6 +86,13 @@ compared as above (cmerge's export in the models' float32). A fit c + (t − 1)�
 FusionBench's times extrapolates to t = 8 when fewer arrivals were timed. ``--doc`` writes
 the table into docs/benchmarks.md (between ``<!-- fusionbench-arrivals:begin -->`` and
 ``<!-- fusionbench-arrivals:end -->``) with the command, the machine and the date.
+
+Drift (``--drift``, after a timing run and a ``--precision float64 --keep`` comparison over
+the same models and number of experts in the same ``--workdir``): how far each float32
+result — FusionBench's last timed arrival, cmerge's states of both kernels — and cmerge's
+float64 merge lie from FusionBench's float64 merge, the same algorithm in exact-enough
+arithmetic. Nothing is merged again; ``--doc`` writes the table (between ``<!--
+fusionbench-drift:begin -->`` and ``<!-- fusionbench-drift:end -->``).
 """
 from __future__ import annotations
 
@@ -112,6 +119,7 @@ from speed import DOC, machine, write_doc  # noqa: E402
 from speed_models import base_tensor, task_vector, vit_b32, write_model  # noqa: E402
 
 BEGIN, END = "<!-- fusionbench-arrivals:begin -->", "<!-- fusionbench-arrivals:end -->"
+DRIFT_BEGIN, DRIFT_END = "<!-- fusionbench-drift:begin -->", "<!-- fusionbench-drift:end -->"
 
 DEFAULT_FB_PYTHON = "/work/scratch/fbenv/bin/python"
 DEFAULT_FB_PYTHONPATH = "/work/scratch/fb_tf4"
@@ -426,7 +434,10 @@ def main() -> int:
     ap.add_argument("--workdir", default=None, help="where models and outputs go (default: a temporary "
                     "folder for tiny, .cache/fusionbench for b)")
     ap.add_argument("--keep", action="store_true", help="keep the models and merged outputs")
-    ap.add_argument("--doc", action="store_true", help=f"timing mode: write the table into {DOC.name}")
+    ap.add_argument("--doc", action="store_true", help=f"timing and drift modes: write the table into {DOC.name}")
+    ap.add_argument("--drift", action="store_true",
+                    help="compare the kept results of a timing run and a float64 comparison with FusionBench's "
+                         "float64 merge (see above)")
     ap.add_argument("--tol32", type=float, default=TOL32, help=f"float32 threshold (default {TOL32:g})")
     ap.add_argument("--tol64", type=float, default=TOL64, help=f"float64 threshold (default {TOL64:g})")
     ap.add_argument("--fb-python", default=os.environ.get("FB_PYTHON", DEFAULT_FB_PYTHON),
@@ -463,6 +474,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     temp = not a.workdir and a.models == "tiny" and not a.keep
     try:
+        if a.drift:
+            return drift(a, work)
         return (timing if a.time else comparison)(a, work, variants)
     finally:
         if temp:
@@ -561,6 +574,54 @@ def arrivals_section(a: argparse.Namespace, kernels: list[str], rows: list[str],
         + " | ".join(f"cmerge add ({k}) s | FusionBench ÷ cmerge" for k in kernels) + " |",
         "|---|---|---|---|---|" + "---|---|" * len(kernels),
         *rows, "", *(f"- {n}" for n in notes)])
+
+
+def drift(a: argparse.Namespace, work: Path) -> int:
+    """Each kept result's distance to FusionBench's float64 merge of the same models (nothing is merged again)."""
+    def spec(name: str) -> dict:
+        path = work / f"fb-{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"--drift needs {path}: run the timing mode and `--precision float64 --keep` first")
+        return json.loads(path.read_text())
+
+    exact = spec("float64")
+    last = len(exact["models"])
+    timed = spec(f"time-t{last}")
+    same = [Path(p).name for p in [timed["base"], *timed["models"]]] == \
+        [Path(p).name for p in [exact["base"], *exact["models"]]]
+    if not same or timed["alpha"] != exact["alpha"] or timed["diagonal"] != exact["diagonal"]:
+        raise SystemExit(f"the float64 comparison and the timing run of t = {last} merged different inputs")
+    base, ref = load_tensors(Path(exact["base"])), load_tensors(Path(exact["out"]))
+    rows = [("FusionBench, float32 (its last timed arrival)", Path(timed["out"]))]
+    exports = []
+    for k in a.kernels.split(","):
+        state = work / f"cmerge-time-{k}"
+        if state.is_dir():
+            out = work / f"cmerge-drift-{k}-export"
+            shutil.rmtree(out, ignore_errors=True)
+            run_cmerge(["export", str(state), str(out), "-q"])
+            exports.append(out)
+            rows.append((f"cmerge, float32 state, {k} kernel (`cmerge add` one at a time)", out))
+    if (work / "cmerge-default-float64").is_dir():
+        rows.append(("cmerge, float64 (`cmerge merge --precision float64`)", work / "cmerge-default-float64"))
+    lines = ["### FusionBench's OPCM in float32 drifts from its own float64 result", "",
+             f"`python benchmarks/fusionbench_opcm.py {' '.join(sys.argv[1:])}` — {time.strftime('%Y-%m-%d')}, "
+             f"machine: {machine()}. Models ({a.models}): base and {last} experts, α = {exact['alpha']}, diagonal "
+             f"{exact['diagonal']}. Each merged model after all {last} experts against FusionBench's own float64 "
+             "merge of the same models (the float64 copies of the same values): ‖Δ‖ / ‖θ_ref − θ0‖ over every "
+             "tensor but class_embedding (*overall*) and the largest per tensor (*worst tensor*).", "",
+             "| merged model | overall | worst tensor |", "|---|---|---|"]
+    for label, path in rows:
+        by_kind, overall, _ = compare(base, ref, load_tensors(path))
+        worst = max(by_kind.values())
+        print(f"{label}: overall {overall:.2e}, worst tensor {worst:.2e}")
+        lines.append(f"| {label} | {overall:.1e} | {worst:.1e} |")
+    for out in exports:
+        shutil.rmtree(out, ignore_errors=True)
+    if a.doc:
+        write_doc("\n".join(lines), DOC, DRIFT_BEGIN, DRIFT_END)
+        print(f"wrote the table into {DOC}")
+    return 0
 
 
 def cmerge_chains(a: argparse.Namespace, folders: list[Path], last: int, kernels: list[str],
