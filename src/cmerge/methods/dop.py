@@ -404,7 +404,7 @@ class DOP(DeltaMethod):
         if p["solver"] == "adam":
             x, c, ks = solve_adam(m, tau, lr=p["lr"], **common, **sched)
         else:
-            trips = [top_triplets(t, p["svd_epsilon"]) for t in (m, tau)]
+            trips = [top_triplets(target, p["svd_epsilon"]) for target in (m, tau)]
             c = ((t - 1) / t, 1 / t) if self.fixed_weights == "count" else (
                 self.fixed_weights or schedule_weights(m, tau, triplets=trips, **common, **sched))
             x = solve_exact(m, tau, c, triplets=trips, **common)
