@@ -40,9 +40,9 @@ from cmerge.evaluation.results import (  # noqa: E402
     combine_results, load_results, refresh_summaries, save_results,
 )
 
-SWEEPS = ["task_arithmetic:lam", "ties:lam", "opcm:alpha"]
+SWEEPS = ["task_arithmetic:lam", "ties:lam", "opcm:alpha", "iso:scale"]
 TABLE1_ROWS = ["average", "task_arithmetic", "ties", "magmax", "opcm", "dop:solver=adam", "dop:solver=exact",
-               "nufilt", "fisher_merge"]
+               "nufilt", "fisher_merge", "iso", "iso:accumulate=opcm:protect=0.3"]
 HOLISTIC_ROWS = ["fisher_merge:align=ridge", "fisher_merge:experts=linear", "fisher_merge:experts=linear:align=ridge",
                  "ema", "ema:experts=linear:align=ridge", "opcm:experts=linear", "opcm:align=ridge"]
 ROW_GROUPS = {"table1": TABLE1_ROWS, "holistic": HOLISTIC_ROWS}
@@ -54,6 +54,8 @@ DISPLAY = {
     "dop:solver=exact": "DOP (exact minimiser)", "nufilt": "NUFILT", "fisher_merge": "Fisher merge (holistic CMM)",
     "dop:solver=exact:weights=count:others=running": "DOP exact, c = (t − 1, 1) / t (attempt, ours)",
     "nufilt:others=average": "NUFILT, other tensors averaged (attempt)",
+    "iso": "Continual Iso-C: flat spectrum of the sum (ours)",
+    "iso:accumulate=opcm:protect=0.3": "Flat spectrum of OPCM's projected sum (ours)",
 }
 COLUMNS = {8: ("text.json", "text"), 14: ("text14.json", "text14")}
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"

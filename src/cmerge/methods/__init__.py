@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 BUILT_IN = {
     "opcm": "opcm:OPCM", "average": "average:Average", "task_arithmetic": "task_arithmetic:TaskArithmetic",
     "ties": "ties:Ties", "magmax": "magmax:MagMax", "fisher_merge": "fisher_merge:FisherMerge", "ema": "ema:EMA",
-    "dop": "dop:DOP", "nufilt": "nufilt:NUFILT", "opcm_ab": "opcm_ab:OPCMFactors", "slao": "slao:SLAO",
+    "dop": "dop:DOP", "nufilt": "nufilt:NUFILT", "iso": "iso:Isotropic", "opcm_ab": "opcm_ab:OPCMFactors", "slao": "slao:SLAO",
 }
 
 

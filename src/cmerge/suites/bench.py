@@ -83,7 +83,8 @@ RESULTS_FILE = "results.json"
 PAPER_LAMBDA = {8: 0.3, 14: 0.1}  # continual task arithmetic / TIES, OPCM paper C.1.1
 EXPERT_SETS = ("standard", "linear")
 GRID_01 = tuple(round(0.1 * i, 1) for i in range(1, 11))
-DEFAULT_GRIDS = {("task_arithmetic", "lam"): GRID_01, ("ties", "lam"): GRID_01, ("opcm", "alpha"): GRID_01}
+DEFAULT_GRIDS = {("task_arithmetic", "lam"): GRID_01, ("ties", "lam"): GRID_01, ("opcm", "alpha"): GRID_01,
+                 ("iso", "scale"): (1.0, 1.4, 1.8, 2.2, 2.6)}
 SWEEP_ROWS = "diagonal+final"
 ROW_SPLIT, SWEEP_SPLIT = "test", "validation"
 

@@ -47,8 +47,8 @@ def bench_command() -> None:
                    "--continual-ft-orders).")
 @click.option("--sweep", "sweeps", multiple=True, metavar="METHOD:PARAM[=v1/v2/...]",
               help="grid over one parameter (repeatable; default grids: task_arithmetic:lam and ties:lam "
-                   "0.1..1.0, opcm:alpha 0.1..1.0), run on the first --sweep-orders orders; rows that do not "
-                   "set the parameter take the best value.")
+                   "0.1..1.0, opcm:alpha 0.1..1.0, iso:scale 1.0..2.6), run on the first --sweep-orders orders; "
+                   "rows that do not set the parameter take the best value.")
 @click.option("--sweep-orders", type=click.IntRange(min=1), default=1, show_default=True,
               help="orders each swept value runs on (scored on the validation split; only the diagonal and "
                    "final row).")

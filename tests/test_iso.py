@@ -1,0 +1,112 @@
+"""Continual isotropic merging (docs/methods.md, "Continual isotropic merging"): the flattening against a
+plain float64 LAPACK SVD, and the whole method against a float64 whole-model implementation written here."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import helpers
+from cmerge import Merger, merge
+from cmerge.methods.iso import isotropic
+
+F64 = torch.float64
+
+
+def ref_isotropic(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """α · mean(s) · U Vᵀ over the singular values above 1e-10 · s_1 (full LAPACK SVD)."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=True)
+    if not float(s.max()) > 0:
+        return torch.zeros_like(x)
+    r = int((s > 1e-10 * s[0]).sum())
+    return scale * s[:r].mean() * (u[:, :r] @ vh[:r])
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12), (16, 16)])
+@pytest.mark.parametrize("rank", [None, 3])
+def test_flattening_matches_lapack_and_is_flat(shape, rank):
+    g = torch.Generator().manual_seed(sum(shape) + (rank or 0))
+    m, n = shape
+    x = (torch.randn(m, rank, generator=g, dtype=F64) @ torch.randn(rank, n, generator=g, dtype=F64) if rank
+         else torch.randn(m, n, generator=g, dtype=F64) * torch.logspace(0, -3, n, dtype=F64))
+    got = isotropic(x, 1.7)
+    want = ref_isotropic(x, 1.7)
+    assert float((got - want).norm() / want.norm()) < 1e-10
+    s = torch.linalg.svdvals(got)
+    r = rank or min(shape)
+    s_x = torch.linalg.svdvals(x)[:r]
+    assert torch.allclose(s[:r], torch.full((r,), 1.7 * float(s_x.mean()), dtype=F64), rtol=1e-10)
+    assert float(s[r:].abs().sum()) < 1e-10 * float(s[0])   # the null space stays null
+    # the flattened update keeps the matrix's singular subspaces: U Uᵀ got V Vᵀ = got
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    pu, pv = u[:, :r] @ u[:, :r].T, vh[:r].T @ vh[:r]
+    assert float((pu @ got @ pv - got).norm()) < 1e-10 * float(got.norm())
+
+
+def test_flattening_a_zero_matrix_is_zero():
+    assert torch.equal(isotropic(torch.zeros(4, 6, dtype=F64), 2.0), torch.zeros(4, 6, dtype=F64))
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = helpers.tiny_base(seed=21, hidden=8)
+    return base, helpers.experts(base, 4, seed=23)
+
+
+def ref_iso_model(base, exps, scale=1.8, accumulate="sum", protect=0.5, others="average"):
+    """Whole models in float64: S_t the sum (or OPCM's projected sum) of the task vectors; linear weights
+    α · s̄ · U Vᵀ of S_t, every other tensor the running mean of the task vectors (or θ0)."""
+    b = helpers.f64(base)
+    acc, mean, out = {}, {}, []
+    for t, e in enumerate(exps, start=1):
+        tau = helpers.sub(helpers.f64(e), b)
+        merged = {}
+        for n in b:
+            if n in helpers.TINY_PROJECTED:
+                if t == 1:
+                    acc[n] = tau[n]
+                elif accumulate == "sum":
+                    acc[n] = acc[n] + tau[n]
+                else:
+                    acc[n] = acc[n] + helpers.ref_project(acc[n], tau[n], protect)[0]
+                merged[n] = b[n] + ref_isotropic(acc[n], scale)
+            else:
+                mean[n] = tau[n] if t == 1 else mean[n] + (tau[n] - mean[n]) / t
+                merged[n] = b[n] + (mean[n] if others == "average" else 0 * mean[n])
+        out.append(merged)
+    return out
+
+
+@pytest.mark.parametrize("params", [{}, dict(accumulate="opcm", protect=0.3, scale=2.2), dict(others="base", scale=0.7)],
+                         ids=["sum", "opcm", "base"])
+def test_merger_matches_whole_model_reference(models, params):
+    base, exps = models
+    merger = Merger(base, "iso", precision="float64", **params)
+    want = ref_iso_model(base, exps, **params)
+    for t, (e, w) in enumerate(zip(exps, want), start=1):
+        merger.add(e)
+        assert helpers.max_rel_err(merger.state_dict(), w) < 1e-10, f"step {t}"
+
+
+def test_the_sum_is_order_independent_and_the_projected_sum_is_not(models):
+    base, exps = models
+    finals = {order: merge(base, [exps[i] for i in order], "iso", precision="float64")
+              for order in itertools.islice(itertools.permutations(range(len(exps))), 0, 24, 7)}
+    first = next(iter(finals.values()))
+    assert all(helpers.max_rel_err(f, first) < 1e-12 for f in finals.values())
+    a = merge(base, exps, "iso", accumulate="opcm", precision="float64")
+    b = merge(base, exps[::-1], "iso", accumulate="opcm", precision="float64")
+    assert helpers.max_rel_err(a, b) > 1e-6
+
+
+def test_memory_is_two_tensors_per_tensor(models):
+    base, exps = models
+    merger = Merger(base, "iso", accumulate="opcm")
+    shapes = []
+    for e in exps + exps[:2]:
+        merger.add(e)
+        acc = merger.accumulators
+        assert set(acc) == {"S", "M"}
+        shapes.append({a: {n: tuple(x.shape) for n, x in acc[a].items()} for a in acc})
+    assert all(s == shapes[0] for s in shapes)
