@@ -10,7 +10,9 @@ import helpers
 from cmerge import REGISTRY, CmergeError, Merger
 from cmerge.methods.base import Method
 
-METHODS = [m for m, cls in REGISTRY.items() if cls.space == "weights"]  # LoRA-factor methods: their own tests
+#: LoRA-factor methods have their own tests; iso's merged linear weights are a function of S_t that has no
+#: inverse (a flat spectrum), so it refuses a correction (test below)
+METHODS = [m for m, cls in REGISTRY.items() if cls.space == "weights" and m != "iso"]
 #: one linear-layer weight (projected by OPCM) and one identity-rule tensor
 TARGETS = ("layers.0.mlp.up.weight", "layers.1.norm.weight")
 
@@ -261,3 +263,14 @@ def test_unmerge_inverts_merged_for_random_accumulators(method):
     assert not math.isnan(float(out[meth.accumulators[0]].sum()))
     for a in meth.accumulators[1:]:
         assert out[a] is acc[a] or torch.equal(out[a], acc[a])
+
+
+def test_a_method_without_an_inverse_refuses_a_correction_and_changes_nothing(models):
+    m = merger_after(models, "iso")
+    before = m.state_dict()
+    accs = {a: {n: v.clone() for n, v in acc.items()} for a, acc in m.accumulators.items()}
+    with pytest.raises(CmergeError, match="cannot take a corrected merged model"):
+        m.override(corrections(before))
+    assert all(torch.equal(v, before[n]) for n, v in m.state_dict().items())
+    assert all(torch.equal(m.accumulators[a][n], v) for a in accs for n, v in accs[a].items())
+    assert m.overrides == []
