@@ -643,10 +643,7 @@ def first_step(res: Result) -> tuple[int, dict]:
 
 
 def report(results: list[Result], rates: dict | None, cands: dict | None, args: argparse.Namespace, started: float,
-           duration: float, left_out: list[str]) -> str:
-    cmd = "python benchmarks/speed.py" + (" --quick" if args.quick else "") + (
-        f" --models {args.models}" if args.models != "abc" else "") + (
-        f" --threads {args.threads}" if args.threads != 1 else "") + (" --c8" if args.c8 else "")
+           duration: float, left_out: list[str], cmd: str) -> str:
     lines = [
         "## Speed and memory (`benchmarks/speed.py`)",
         "",
@@ -1025,7 +1022,7 @@ def main() -> None:
     raw_path = bench.work.parent / ("speed-results-quick.json" if args.quick else "speed-results.json")
     raw_path.write_text(json.dumps({"results": raw, "rates": rates, "candidates": cands, "startup": startup,
                                     "loads": LOADS}, indent=1, default=str) + "\n")
-    text = report(results, rates, cands, args, started, duration, left_out)
+    text = report(results, rates, cands, args, started, duration, left_out, command.strip())
     startup_text = startup_section(startup, command.strip(), started)
     print("\n" + text + "\n\n" + startup_text)
     if doc is not None:
