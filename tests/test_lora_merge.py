@@ -114,6 +114,22 @@ def test_factored_equals_the_dense_path_for_task_arithmetic_and_average(llama):
         assert helpers.max_rel_err(m.state_dict(), ref[-1]) < 1e-12, method
 
 
+def test_iso_on_adapters_equals_iso_on_their_dense_models_and_flattens_only_their_span(llama):
+    root, base_sd, adapters, taus, _ = llama
+    m = Merger(root / "base", "iso", precision="float64")
+    dense = Merger(base_sd, "iso", precision="float64")
+    for a, model in zip(adapters, as_models(base_sd, taus)):
+        m.add(a)
+        dense.add(model)
+    got, want = m.state_dict(), dense.state_dict()
+    assert helpers.max_rel_err(got, want) < 1e-12
+    name = "model.layers.0.self_attn.q_proj.weight"  # adapted by all three: ranks 4 + 2 + 3
+    s = torch.linalg.svdvals(got[name].double() - base_sd[name].double())
+    assert torch.allclose(s[:9], s[:1].expand(9), rtol=1e-9) and float(s[9:].max()) < 1e-9 * float(s[0])
+    untouched = "model.layers.0.mlp.up_proj.weight"  # no adapter touches it: it stays at θ0
+    assert torch.equal(got[untouched].double(), base_sd[untouched].double())
+
+
 def test_the_factored_projection_follows_the_rank_rule():
     """P(X) from factors equals the dense rule for a rank-deficient D, and ⟨P(X), D⟩ = 0."""
     g = torch.Generator().manual_seed(3)
