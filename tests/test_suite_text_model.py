@@ -501,6 +501,30 @@ def test_sweep_specs_take_the_papers_grids_or_the_given_one():
             parse_sweep_specs(bad)
 
 
+def test_a_sweep_of_one_row_runs_with_its_parameters_and_decides_only_that_row():
+    from cmerge.suites.bench import _needs_sweep, parse_method_specs, parse_sweep_specs, resolve_params
+
+    method_wide, own = parse_sweep_specs(["iso:scale=1.0/1.8", "iso:accumulate=opcm:protect=0.3:scale"])
+    assert (method_wide.name, method_wide.row, method_wide.fixed) == ("iso.scale", "", ())
+    assert own.name == "iso:accumulate=opcm:protect=0.3.scale" and own.values == (1.0, 1.4, 1.8, 2.2, 2.6)
+    assert own.method == "iso" and dict(own.fixed) == {"accumulate": "opcm", "protect": 0.3}
+    plain, projected, other, fixed = parse_method_specs(
+        "iso,iso:accumulate=opcm:protect=0.3,iso:accumulate=opcm,iso:accumulate=opcm:protect=0.3:scale=2.0")
+    assert method_wide.decides(plain) and not own.decides(plain)
+    assert own.decides(projected) and not own.decides(other) and not own.decides(fixed)
+    assert not _needs_sweep(fixed, [method_wide, own])
+    sweeps = {"iso.scale": {"best": {"value": 1.8}}, own.name: {"best": {"value": 2.2}, "split": "validation"}}
+    assert resolve_params(plain, sweeps, 8)[0] == {"scale": 1.8}
+    params, chosen = resolve_params(projected, sweeps, 8)
+    assert params["scale"] == 2.2 and chosen["scale"] == f"best of sweep {own.name} on the validation split"
+    assert resolve_params(other, sweeps, 8)[0]["scale"] == 1.8  # no sweep of its own: the method's
+    assert resolve_params(fixed, sweeps, 8)[0]["scale"] == 2.0
+    for bad, match in ((["iso:scale=2:scale=1/2"], "both fixed and swept"), (["iso:experts=linear:scale"], "standard"),
+                       (["iso:accumulate=opcm:scale=x"], "must be a float"), ([":scale"], "unknown method|METHOD")):
+        with pytest.raises(CmergeError, match=match):
+            parse_sweep_specs(bad)
+
+
 def test_results_updates_under_the_lock_keep_concurrent_rows(tmp_path):
     from cmerge.evaluation.results import load_results, method_entry, new_results, save_results
     from cmerge.suites.bench import record

@@ -102,15 +102,22 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A grid over one registry parameter of one method."""
+    """A grid over one registry parameter of one method, or of one row (``row``: its label, with the row's
+    other parameters ``fixed``); a row takes its own sweep's best value before its method's."""
 
     method: str
     param: str
     values: tuple[Any, ...]
+    row: str = ""
+    fixed: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
-        return f"{self.method}.{self.param}"
+        return f"{self.row or self.method}.{self.param}"
+
+    def decides(self, spec: MethodSpec) -> bool:
+        """Whether this sweep chooses one of ``spec``'s parameters."""
+        return self.param not in spec.params and (self.row == spec.label if self.row else self.method == spec.method)
 
 
 def _parse_value(method: str, name: str, text: str) -> Any:
@@ -146,13 +153,23 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
 
 
 def parse_sweep_specs(items: Sequence[str]) -> list[SweepSpec]:
-    """``["task_arithmetic:lam", "opcm:alpha=0.3/0.5/0.7"]`` → sweeps (default grids from the papers)."""
+    """``["task_arithmetic:lam", "opcm:alpha=0.3/0.5/0.7", "iso:accumulate=opcm:scale"]`` → sweeps (default grids
+    from the papers). The last ``:`` item is the swept parameter; what comes before it is a method, or a row
+    with parameters of its own (the sweep then runs with them and decides only that row)."""
     specs = []
     for item in items:
-        head, eq, grid = item.partition("=")
-        method, colon, param = head.partition(":")
-        if not colon:
-            raise CmergeError(f"--sweep {item!r}: write METHOD:PARAM or METHOD:PARAM=v1/v2/...")
+        row, colon, last = item.rpartition(":")
+        param, eq, grid = last.partition("=")
+        if not colon or not row or not param:
+            raise CmergeError(f"--sweep {item!r}: write METHOD:PARAM, METHOD:PARAM=v1/v2/... or "
+                              f"METHOD:key=value:PARAM=v1/v2/...")
+        spec = parse_method_specs(row)[0]
+        method = spec.method
+        if (spec.experts, spec.align) != ("standard", "off"):
+            raise CmergeError(f"--sweep {item!r}: a sweep runs on the standard experts without alignment; "
+                              f"name only method parameters before the swept one.")
+        if param in spec.params:
+            raise CmergeError(f"--sweep {item!r}: {param} is both fixed and swept.")
         check_param(method, param)
         if eq:
             values = tuple(_parse_value(method, param, v) for v in grid.split("/") if v)
@@ -163,7 +180,7 @@ def parse_sweep_specs(items: Sequence[str]) -> list[SweepSpec]:
                               f"as {method}:{param}=v1/v2/...")
         if not values:
             raise CmergeError(f"--sweep {item!r}: the grid is empty.")
-        specs.append(SweepSpec(method, param, values))
+        specs.append(SweepSpec(method, param, values, row if spec.params else "", tuple(spec.params.items())))
     if len({s.name for s in specs}) < len(specs):
         raise CmergeError("--sweep names the same method parameter twice.")
     return specs
@@ -173,13 +190,14 @@ def resolve_params(spec: MethodSpec, sweeps: Mapping[str, dict], n_tasks: int) -
     """A row's parameters: as given, else a sweep's best value, else the paper's λ; and where each came from."""
     params, chosen = dict(spec.params), {}
     for p in REGISTRY[spec.method].params:
-        sweep = sweeps.get(f"{spec.method}.{p.name}")
         if p.name in params:
             continue
-        if sweep is not None:
+        key = next((k for k in (f"{spec.label}.{p.name}", f"{spec.method}.{p.name}") if k in sweeps), None)
+        if key is not None:
+            sweep = sweeps[key]
             params[p.name] = sweep["best"]["value"]
             split = sweep.get("split")
-            chosen[p.name] = f"best of sweep {spec.method}.{p.name}" + (f" on the {split} split" if split else "")
+            chosen[p.name] = f"best of sweep {key}" + (f" on the {split} split" if split else "")
         elif p.name == "lam":
             params["lam"] = PAPER_LAMBDA[8] if n_tasks <= 8 else PAPER_LAMBDA[14]
             chosen["lam"] = "the paper's value for the suite size"
@@ -329,7 +347,8 @@ def run_text_bench(
                 continue
             sweep = by_name[name]
             entry = run_sweep(sweep.method, sweep.param, list(sweep.values), base_folder, experts,
-                              evaluator(SWEEP_SPLIT), orders=orders[:sweep_orders], progress=progress, rows=SWEEP_ROWS)
+                              evaluator(SWEEP_SPLIT), dict(sweep.fixed), orders=orders[:sweep_orders],
+                              progress=progress, rows=SWEEP_ROWS)
             entry["split"] = SWEEP_SPLIT
             for value_entry in entry["entries"]:
                 value_entry["split"] = SWEEP_SPLIT
@@ -467,7 +486,7 @@ def _refresh_paired(results: dict, reference: str | None) -> None:
 
 def _needs_sweep(spec: MethodSpec, sweeps: Sequence[SweepSpec]) -> bool:
     """Whether a sweep chooses one of the row's parameters (the row must wait for it)."""
-    return any(s.method == spec.method and s.param not in spec.params for s in sweeps)
+    return any(s.decides(spec) for s in sweeps)
 
 
 def claim_in(out_dir: Path, kind: str, names: Sequence[str], wait: bool = True) -> Iterator[str]:

@@ -45,10 +45,11 @@ def bench_command() -> None:
                    "method (task arithmetic and TIES with the best λ of a sweep, else the paper's λ: "
                    "0.3 for 8 tasks, 0.1 for 14); 'none' for no merging rows (e.g. only "
                    "--continual-ft-orders).")
-@click.option("--sweep", "sweeps", multiple=True, metavar="METHOD:PARAM[=v1/v2/...]",
+@click.option("--sweep", "sweeps", multiple=True, metavar="METHOD[:key=value...]:PARAM[=v1/v2/...]",
               help="grid over one parameter (repeatable; default grids: task_arithmetic:lam and ties:lam "
                    "0.1..1.0, opcm:alpha 0.1..1.0, iso:scale 1.0..2.6), run on the first --sweep-orders orders; "
-                   "rows that do not set the parameter take the best value.")
+                   "rows that do not set the parameter take the best value. With key=value before PARAM the sweep "
+                   "runs with those parameters and decides only the row written the same way.")
 @click.option("--sweep-orders", type=click.IntRange(min=1), default=1, show_default=True,
               help="orders each swept value runs on (scored on the validation split; only the diagonal and "
                    "final row).")

@@ -227,7 +227,7 @@ def run_llm_bench(
         if name in load_results(results_path).get("sweeps", {}):
             continue
         s = by_name[name]
-        entry = run_sweep(s.method, s.param, list(s.values), base, dw_experts, validation,
+        entry = run_sweep(s.method, s.param, list(s.values), base, dw_experts, validation, dict(s.fixed),
                           orders=orders[:sweep_orders], progress=progress, rows=SWEEP_ROWS)
         for e in (entry, *entry["entries"]):
             e["split"] = SWEEP_SPLIT

@@ -27,9 +27,9 @@ DEFAULT_ROWS_SCORED = {"standard": "all", "long": "diagonal+final"}
                    "(on=dw: experts as θ0 + s·B·A, the default; on=ab: OPCM & co. applied to the LoRA factors, "
                    "the seed leaderboard's way); default: every row that runs today; 'none': only the experts "
                    "and the reference rows.")
-@click.option("--sweep", "sweeps", multiple=True, metavar="METHOD:PARAM[=v1/v2/...]",
+@click.option("--sweep", "sweeps", multiple=True, metavar="METHOD[:key=value...]:PARAM[=v1/v2/...]",
               help="grid over one parameter on the validation split (ΔW experts); rows that do not set the "
-                   "parameter take the best value (repeatable).")
+                   "parameter take the best value (repeatable); key=value before PARAM: a sweep of that row only.")
 @click.option("--sweep-orders", type=click.IntRange(min=1), default=1, show_default=True,
               help="orders each swept value runs on.")
 @click.option("--rows", "rows_scored", type=click.Choice(["all", "diagonal+final"]), default=None,
