@@ -502,7 +502,7 @@ def test_sweep_specs_take_the_papers_grids_or_the_given_one():
 
 
 def test_a_sweep_of_one_row_runs_with_its_parameters_and_decides_only_that_row():
-    from cmerge.suites.bench import _needs_sweep, parse_method_specs, parse_sweep_specs, resolve_params
+    from cmerge.suites.bench import parse_method_specs, parse_sweep_specs, resolve_params
 
     method_wide, own = parse_sweep_specs(["iso:scale=1.0/1.8", "iso:accumulate=opcm:protect=0.3:scale"])
     assert (method_wide.name, method_wide.row, method_wide.fixed) == ("iso.scale", "", ())
@@ -512,7 +512,7 @@ def test_a_sweep_of_one_row_runs_with_its_parameters_and_decides_only_that_row()
         "iso,iso:accumulate=opcm:protect=0.3,iso:accumulate=opcm,iso:accumulate=opcm:protect=0.3:scale=2.0")
     assert method_wide.decides(plain) and not own.decides(plain)
     assert own.decides(projected) and not own.decides(other) and not own.decides(fixed)
-    assert not _needs_sweep(fixed, [method_wide, own])
+    assert not method_wide.decides(fixed) and not own.decides(fixed)
     sweeps = {"iso.scale": {"best": {"value": 1.8}}, own.name: {"best": {"value": 2.2}, "split": "validation"}}
     assert resolve_params(plain, sweeps, 8)[0] == {"scale": 1.8}
     params, chosen = resolve_params(projected, sweeps, 8)
