@@ -525,6 +525,29 @@ def test_a_sweep_of_one_row_runs_with_its_parameters_and_decides_only_that_row()
             parse_sweep_specs(bad)
 
 
+def test_a_row_extended_to_more_orders_keeps_the_values_its_orders_ran_with(caplog):
+    from cmerge.suites.bench import parse_method_specs, row_params
+
+    projected, plain = parse_method_specs("iso:accumulate=opcm:protect=0.3,iso")
+    own = "iso:accumulate=opcm:protect=0.3.scale"
+    sweeps = {"iso.scale": {"best": {"value": 1.8}, "split": "validation"},
+              own: {"best": {"value": 2.2}, "split": "validation"}}
+    assert row_params(projected, sweeps, 8)[0]["scale"] == 2.2  # a new row: its own sweep
+    ran = {"params": {"accumulate": "opcm", "protect": 0.3, "scale": 1.8},
+           "chosen": {"scale": "best of sweep iso.scale on the validation split"}}
+    with caplog.at_level("WARNING", logger="cmerge"):
+        params, chosen = row_params(projected, sweeps, 8, ran)
+    assert params == ran["params"] and chosen == ran["chosen"]
+    assert "extended with {'scale': 1.8}" in caplog.text and "{'scale': 2.2}" in caplog.text
+    caplog.clear()
+    unswept = {"params": {}}  # run before any sweep: the method's default, and nothing chosen
+    assert row_params(plain, sweeps, 8, unswept) == ({}, {})
+    assert "the defaults" in caplog.text
+    caplog.clear()
+    assert row_params(plain, sweeps, 8, {"params": {"scale": 1.8}, "chosen": {"scale": "x"}})[0] == {"scale": 1.8}
+    assert not caplog.text  # the same value: nothing to say
+
+
 def test_results_updates_under_the_lock_keep_concurrent_rows(tmp_path):
     from cmerge.evaluation.results import load_results, method_entry, new_results, save_results
     from cmerge.suites.bench import record
@@ -615,19 +638,21 @@ def test_text_bench_writes_results_and_report_and_resumes(base_folder, tmp_path,
     only_ft = bench.run_text_bench(out, TASKS, **{**kwargs, "methods": "none"})
     assert set(only_ft["methods"]) == set(saved["methods"])
 
-    # more orders extend the folder: each row runs only the orders it lacks
+    # more orders extend the folder: each row runs only the orders it lacks, with the values it ran with
+    # (a sweep of opcm's α added now decides new rows only)
     monkeypatch.undo()
     ran = []
 
     def recording(method, params, base, experts, evaluator, orders, **kw):
-        ran.append((method, orders))
+        ran.append((method, params, orders))
         return run_method(method, params, base, experts, evaluator, orders, **kw)
 
     run_method = bench.run_method
     monkeypatch.setattr(bench, "run_method", recording)
-    more = bench.run_text_bench(out, TASKS, **{**kwargs, "n_orders": 2})
+    more = bench.run_text_bench(out, TASKS, **{**kwargs, "n_orders": 2, "sweeps": ["opcm:alpha=0.1/0.9"]})
     assert len(more["orders"]) == 2 and more["orders"][0] == saved["orders"][0]
-    assert sorted(ran) == [("average", more["orders"][1:]), ("opcm", more["orders"][1:])]
+    assert "opcm.alpha" in more["sweeps"] and "chosen" not in more["methods"]["opcm"]
+    assert sorted(ran) == [("average", {}, more["orders"][1:]), ("opcm", {}, more["orders"][1:])]
     for name in ("opcm", "average"):
         entry = more["methods"][name]
         assert entry["orders"] == more["orders"] and entry["matrices"][0] == saved["methods"][name]["matrices"][0]

@@ -204,6 +204,22 @@ def resolve_params(spec: MethodSpec, sweeps: Mapping[str, dict], n_tasks: int) -
     return params, chosen
 
 
+def row_params(spec: MethodSpec, sweeps: Mapping[str, dict], n_tasks: int,
+               recorded: dict | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`resolve_params`, except that a row already run on some orders (``recorded``) goes on with the
+    values it ran with: a sweep added or rerun since then decides only new rows, so one row is one setting."""
+    params, chosen = resolve_params(spec, sweeps, n_tasks)
+    if recorded is None:
+        return params, chosen
+    kept = dict(recorded.get("chosen") or {})
+    old = {name: recorded["params"][name] for name in kept}
+    now = {name: params.pop(name) for name in chosen}
+    if now != old:
+        log.warning("%s: extended with %s, the values of its recorded orders (the sweeps now give %s)",
+                    spec.label, old or "the defaults", now or "the defaults")
+    return {**params, **old}, kept
+
+
 @contextmanager
 def results_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on the results document ``path`` (released when the block ends)."""
@@ -362,7 +378,7 @@ def run_text_bench(
                 log.info("%s: done already (an earlier or concurrent run)", label)
                 continue
             spec = by_label[label]
-            params, chosen = resolve_params(spec, results.get("sweeps", {}), len(task_names))
+            params, chosen = row_params(spec, results.get("sweeps", {}), len(task_names), results["methods"].get(label))
             post_step = None
             if spec.align != "off":
                 post_step = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align, samples=align_samples,

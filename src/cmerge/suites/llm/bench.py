@@ -53,8 +53,8 @@ from cmerge.evaluation.sweep import run_sweep
 from cmerge.methods import REGISTRY
 from cmerge.suites.backbone import base_fingerprint
 from cmerge.suites.bench import (ROW_SPLIT, SWEEP_ROWS, SWEEP_SPLIT, add_timing, claim_in, locked_results,
-                                 parse_method_specs, parse_sweep_specs, pending_orders, record, resolve_params,
-                                 resumable, results_lock)
+                                 parse_method_specs, parse_sweep_specs, pending_orders, record, resumable,
+                                 results_lock, row_params)
 from cmerge.suites.llm.adapters import AdapterStore
 from cmerge.suites.llm.backbone import backbone_folder, load_backbone
 from cmerge.suites.llm.lora import LoraRecipe, LoraTrainer, adapted_weights, merged_weights
@@ -265,7 +265,8 @@ def run_llm_bench(
 def _merge_row(row: Row, results: dict, base: dict, experts: Mapping, dw_experts: Mapping, evaluator: LLMEvaluator,
                to_weights: Callable, orders: list[list[str]], rows_scored: str, progress: bool) -> dict:
     """One merging row over ΔW experts, or over the A/B factors with a zero base."""
-    params, chosen = resolve_params(row.spec, results.get("sweeps", {}), len(results["tasks"]))
+    params, chosen = row_params(row.spec, results.get("sweeps", {}), len(results["tasks"]),
+                                results["methods"].get(row.label))
     if row.on == "dw":
         entry = run_method(row.spec.method, params, base, dw_experts, evaluator, orders, progress=progress,
                            desc=row.label, rows=rows_scored)
