@@ -27,6 +27,11 @@ projected weight, the cheapest route at those rates: an SVD and two products, or
 ``eigh`` and four products. Kernel candidates (speed_reference.py ``candidates``) are timed
 and checked on one pair per weight shape. Start-up: whole-process times of `cmerge --help`,
 `cmerge info` and an `add` of a one-tensor model, this tree against the last commit's.
+The data-free methods (``--step-methods``, default OPCM, DOP's exact solver, NUFILT and the
+isotropic merge): `cmerge add` of step 2 of each method with its defaults, on a copy of its
+state after step 1, in rounds (every method once per round) on (b) and (c2), each against
+OPCM's step of the same round (``--methods-only`` measures only these, into their own
+section of the doc).
 
 Every measured process runs with ``--threads`` OpenMP threads (default 1: on a 2-core machine
 shared with other jobs, two-thread LAPACK calls were up to 8× slower than one-thread ones
@@ -65,6 +70,9 @@ KERNELS = ("float64", "float32")
 EXACT_TOL = 1e-6       # the float64 kernel against float64
 SPEEDUP_TARGET = 3.0   # the float32 kernel against the reference approach, start-up and I/O included
 FLOOR_TARGET = 1.3     # cmerge's step against the machine's floor, each kernel in its precision
+STEP_METHODS = "opcm,dop:solver=exact,nufilt,iso,iso:accumulate=opcm:protect=0.3"  # timed beside OPCM's step
+DOP_TARGET = 2.0       # DOP's exact solver's step against OPCM's (issue #14)
+METHODS_BEGIN, METHODS_END = "<!-- methods-speed:begin -->", "<!-- methods-speed:end -->"
 
 
 # ---------------------------------------------------------------- processes
@@ -459,6 +467,36 @@ class Bench:
         self.log(f"{res.spec.key}: {method} add {median(walls):.1f}s, floor {median(floors):.1f}s")
         shutil.rmtree(d, ignore_errors=True)
 
+    def method_steps(self, spec: ModelSpec, rows: list[str], runs: int, step: int, no_project: str | None,
+                     note: str = "") -> dict:
+        """`cmerge add` of model ``step`` for each row (``METHOD[:key=value...]``, its other parameters the
+        defaults), each on a copy of its state after step − 1, in rounds: every round times each row once, so the
+        rows of a round share the machine's load. Wall time and peak RSS per run."""
+        m = self.models(spec, step)
+        d = self.work / f"{spec.key}-methods"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        states = {}
+        for i, row in enumerate(rows):
+            method, params = parse_row(row)
+            states[row] = d / f"state{i}"
+            self.init(states[row], m[0], method, no_project, **params)
+            for t in range(1, step):
+                self.cmerge("add", states[row], m[t], "-q")
+        out: dict = {"model": f"{spec.key}: {spec.title}{note}", "key": spec.key, "step": step, "runs": runs,
+                     "rows": {row: {"wall": [], "rss": [], "load": []} for row in rows}}
+        for _ in range(runs):
+            for row, state in states.items():
+                tmp = clone_state(state, d / "tmp")
+                r = self.cmerge("add", tmp, m[step], "-q")
+                shutil.rmtree(tmp)
+                for k, v in (("wall", r.wall), ("rss", r.rss_mb), ("load", r.load)):
+                    out["rows"][row][k].append(v)
+        for row, v in out["rows"].items():
+            self.log(f"{spec.key}: {row} add #{step} {median(v['wall']):.1f}s, peak RSS {max(v['rss']):.0f} MB")
+        shutil.rmtree(d, ignore_errors=True)
+        return out
+
     def flatness(self, res: Result, big: ModelSpec, no_project: str | None) -> None:
         """Peak RSS of `cmerge add` (OPCM, step 2, float64 kernel) on the 8-layer slice."""
         m = self.models(big, 2)
@@ -833,6 +871,43 @@ def startup_section(startup: dict, command: str, started: float) -> str:
     return "\n".join(lines)
 
 
+def parse_row(row: str) -> tuple[str, dict[str, str]]:
+    """``METHOD:key=value:...`` (the bench's row syntax) → the method and its `cmerge init` options."""
+    method, *pairs = row.split(":")
+    params = dict(p.split("=", 1) for p in pairs)
+    return method, params
+
+
+def per_round_ratios(walls: list[float], reference: list[float]) -> list[float]:
+    """Each round's wall time over the reference row's in the same round (the two shared its load)."""
+    return [w / r for w, r in zip(walls, reference)]
+
+
+def methods_section(parts: list[dict], command: str, started: float, reference: str = "opcm") -> str:
+    """The data-free methods' step beside OPCM's: the table and the DOP target."""
+    lines = ["### The data-free methods' step beside OPCM's (`benchmarks/speed.py`)", "",
+             f"Command: `{command}` — {dt.datetime.fromtimestamp(started).strftime('%Y-%m-%d %H:%M')}; machine: "
+             f"{machine()}.", "",
+             "`cmerge add STATE MODEL -q` of the step shown, each method with its defaults (OPCM: the float64 "
+             "kernel), on a copy of its state after the step before; wall time of the whole process (start-up and "
+             "I/O included), median over the runs; *× OPCM*: the median over rounds of the method's time over "
+             "OPCM's in the same round (each round runs every method once, so the two share the machine's load); "
+             "peak RSS of the process.", "",
+             "| model | step | runs | loads | method | wall s | × OPCM | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    checks = []
+    for part in parts:
+        ref = part["rows"].get(reference)
+        for row, v in part["rows"].items():
+            ratio = median(per_round_ratios(v["wall"], ref["wall"])) if ref else None
+            lines.append(f"| {part['model']} | {part['step']} | {part['runs']} | {fmt_loads(v['load'])} | `{row}` | "
+                         f"{fmt_s(median(v['wall']))} | {'—' if ratio is None else f'{ratio:.2f}×'} | "
+                         f"{max(v['rss']):.0f} |")
+            if row.startswith("dop") and "solver=exact" in row and ratio is not None:
+                checks.append(f"- {check(ratio <= DOP_TARGET)} DOP exact, {part['key']} step {part['step']}: "
+                              f"{ratio:.2f}× OPCM's step (target ≤ {DOP_TARGET:g}×)")
+    return "\n".join(lines + ["", "Targets:", "", *(checks or ["- n/a DOP exact was not among the methods timed"])])
+
+
 def targets(results: list[Result], rates: dict | None) -> list[str]:
     out = []
     for res in results:
@@ -942,6 +1017,10 @@ def main() -> None:
     ap.add_argument("--startup-only", action="store_true",
                     help="only the start-up rows (a few seconds each), into their own section of the doc")
     ap.add_argument("--before", default="HEAD", help="the revision the start-up rows compare this tree with")
+    ap.add_argument("--step-methods", default=STEP_METHODS,
+                    help=f"the methods whose step is timed beside OPCM's on (b) and (c) (default {STEP_METHODS})")
+    ap.add_argument("--methods-only", action="store_true",
+                    help="only the methods' steps on the models of --models among b and c, into their own section")
     ap.add_argument("--no-candidates", action="store_true", help="skip the kernel candidates")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "speed"))
@@ -971,6 +1050,25 @@ def main() -> None:
                  "c": llama_slice(2, 128, 344, 1000, key="c2"), "c8": llama_slice(8, 128, 344, 1000, key="c8")}
     else:
         specs = {"a": minilm(), "b": vit_b32(), "c": llama_slice(2, key="c2"), "c8": llama_slice(8, key="c8")}
+    no_project = r"layers\.(?!0\.)\d+\." if args.c_project == "layer0" else None
+
+    def method_steps() -> str:
+        rows = [r for r in args.step_methods.split(",") if r]
+        parts = [bench.method_steps(specs[k], rows, args.runs if k == "b" else args.c_runs, 2,
+                                    no_project if k == "c" else None,
+                                    ", layer 0 projected" if k == "c" and no_project else "")
+                 for k in "bc" if k in args.models]
+        return methods_section(parts, command.strip(), started)
+
+    if args.methods_only:
+        text = method_steps()
+        print("\n" + text)
+        if doc is not None:
+            write_doc(text, doc, METHODS_BEGIN, METHODS_END)
+            print(f"\nwrote {doc}")
+        if not args.keep:
+            shutil.rmtree(bench.work, ignore_errors=True)
+        return
     left_out = ["the float64 reference approach for scale (earlier tables have it: 2.8× slower than the float32 "
                 "reference)", "`average` in the I/O-bound rows (it reads and writes what task arithmetic does)"]
     if not args.c8 and "c" in args.models:
@@ -980,7 +1078,6 @@ def main() -> None:
     if add_key:
         STARTUP_ADD["wall"] = median(startup["rows"][add_key]["wall"])
     shapes = []
-    no_project = r"layers\.(?!0\.)\d+\." if args.c_project == "layer0" else None
     for key in "abc":
         if key in args.models:
             spec = specs[key]
@@ -1013,6 +1110,7 @@ def main() -> None:
         if args.c8:
             bench.flatness(res, specs["c8"], no_project)
         results.append(res)
+    methods_text = method_steps()
     duration = time.time() - started
     raw = [{"key": r.spec.key, "title": r.spec.title, "params": r.spec.params, "runs": r.runs, "note": r.note,
             "steps": r.steps, "export": r.export, "io_adds": r.io_adds,
@@ -1024,10 +1122,11 @@ def main() -> None:
                                     "loads": LOADS}, indent=1, default=str) + "\n")
     text = report(results, rates, cands, args, started, duration, left_out, command.strip())
     startup_text = startup_section(startup, command.strip(), started)
-    print("\n" + text + "\n\n" + startup_text)
+    print("\n" + text + "\n\n" + startup_text + "\n\n" + methods_text)
     if doc is not None:
         write_doc(text, doc)
         write_doc(startup_text, doc, STARTUP_BEGIN, STARTUP_END)
+        write_doc(methods_text, doc, METHODS_BEGIN, METHODS_END)
         print(f"\nwrote {doc}")
     if not args.keep:
         shutil.rmtree(bench.work, ignore_errors=True)
