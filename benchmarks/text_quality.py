@@ -56,6 +56,7 @@ DISPLAY = {
     "nufilt:others=average": "NUFILT, other tensors averaged (attempt)",
     "iso": "Continual Iso-C: flat spectrum of the sum (ours)",
     "iso:accumulate=opcm:protect=0.3": "Flat spectrum of OPCM's projected sum (ours)",
+    "iso:accumulate=opcm:protect=0.3:scale=1.8": "Flat spectrum of OPCM's projected sum, α = 1.8 given (ours)",
 }
 COLUMNS = {8: ("text.json", "text"), 14: ("text14.json", "text14")}
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
