@@ -40,9 +40,9 @@ from cmerge.evaluation.results import (  # noqa: E402
     combine_results, load_results, paired_comparisons, refresh_summaries, save_results,
 )
 
-SWEEPS = ["task_arithmetic:lam", "ties:lam", "opcm:alpha", "iso:scale"]
+SWEEPS = ["task_arithmetic:lam", "ties:lam", "opcm:alpha", "iso:scale", "iso:accumulate=opcm:scale"]
 TABLE1_ROWS = ["average", "task_arithmetic", "ties", "magmax", "opcm", "dop:solver=adam", "dop:solver=exact",
-               "nufilt", "fisher_merge", "iso", "iso:accumulate=opcm:protect=0.3"]
+               "nufilt", "fisher_merge", "iso", "iso:accumulate=opcm"]
 HOLISTIC_ROWS = ["fisher_merge:align=ridge", "fisher_merge:experts=linear", "fisher_merge:experts=linear:align=ridge",
                  "ema", "ema:experts=linear:align=ridge", "opcm:experts=linear", "opcm:align=ridge"]
 ROW_GROUPS = {"table1": TABLE1_ROWS, "holistic": HOLISTIC_ROWS}
@@ -55,12 +55,15 @@ DISPLAY = {
     "dop:solver=exact:weights=count:others=running": "DOP exact, c = (t − 1, 1) / t (attempt, ours)",
     "nufilt:others=average": "NUFILT, other tensors averaged (attempt)",
     "iso": "Continual Iso-C: flat spectrum of the sum (ours)",
-    "iso:accumulate=opcm:protect=0.3": "Flat spectrum of OPCM's projected sum (ours)",
-    "iso:accumulate=opcm:protect=0.3:scale=1.8": "Flat spectrum of OPCM's projected sum, α = 1.8 given (ours)",
+    "iso:accumulate=opcm": "Flat spectrum of OPCM's projected sum (ours)",
+    "iso:accumulate=opcm:protect=0.3": "Flat spectrum of OPCM's projected sum, threshold 0.3 (ours)",
+    "iso:accumulate=opcm:protect=0.3:scale=1.8": "Flat spectrum of OPCM's projected sum, threshold 0.3, α = 1.8 given "
+                                                 "(ours)",
 }
 COLUMNS = {8: ("text.json", "text"), 14: ("text14.json", "text14")}
-OURS = "iso:accumulate=opcm:protect=0.3"  # our best row, compared head to head with the other leading rows
-HEAD_TO_HEAD = ["dop:solver=exact", "nufilt", "iso", "iso:accumulate=opcm:protect=0.3:scale=1.8"]
+OURS = "iso:accumulate=opcm"  # our best row, compared head to head with the other leading rows
+HEAD_TO_HEAD = ["dop:solver=exact", "nufilt", "iso", "iso:accumulate=opcm:protect=0.3",
+                "iso:accumulate=opcm:protect=0.3:scale=1.8"]
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import helpers
-from cmerge import Merger, merge
+from safetensors.torch import load_file
+
+from cmerge import Merger, init_state, merge, open_state
+from cmerge.layers import PASSTHROUGH, is_projected
 from cmerge.methods.iso import isotropic
 
 F64 = torch.float64
@@ -100,13 +103,42 @@ def test_the_sum_is_order_independent_and_the_projected_sum_is_not(models):
     assert helpers.max_rel_err(a, b) > 1e-6
 
 
-def test_memory_is_two_tensors_per_tensor(models):
+def test_memory_is_two_tensors_per_linear_weight_and_one_per_other_tensor(models):
     base, exps = models
     merger = Merger(base, "iso", accumulate="opcm")
+    linear = {n for n, kind in merger.kinds.items() if is_projected(kind)}
+    others = {n for n, kind in merger.kinds.items() if kind != PASSTHROUGH} - linear
+    assert linear and others
     shapes = []
     for e in exps + exps[:2]:
         merger.add(e)
         acc = merger.accumulators
         assert set(acc) == {"S", "M"}
+        assert set(acc["S"]) == linear and set(acc["M"]) == linear | others
         shapes.append({a: {n: tuple(x.shape) for n, x in acc[a].items()} for a in acc})
     assert all(s == shapes[0] for s in shapes)
+
+
+def test_on_disk_state_stores_s_only_for_linear_weights(models, tmp_path):
+    """The state's accumulator file holds S for the linear weights only, and the state merges, resumes and
+    exports as the in-memory merger does."""
+    base, exps = models
+    base_dir = helpers.save_model(base, tmp_path / "base")
+    paths = [helpers.save_model(e, tmp_path / f"e{i}") for i, e in enumerate(exps)]
+    params = dict(accumulate="opcm", protect=0.3, scale=2.2)
+    want = ref_iso_model(base, exps, **params)[-1]
+    st = init_state(tmp_path / "state", base_dir, "iso", precision="float64", **params)
+    st.add(paths[0])
+    st = open_state(tmp_path / "state")  # the later steps read the first step's accumulators from disk
+    for p in paths[1:]:
+        st.add(p)
+    merger = Merger(base, "iso")
+    linear = {n for n, kind in merger.kinds.items() if is_projected(kind)}
+    files = list((tmp_path / "state").glob("gen-*/accumulators.safetensors"))
+    assert files
+    for f in files:
+        stored = load_file(str(f))
+        assert {k.split("/", 1)[1] for k in stored if k.startswith("S/")} == linear
+        assert {k.split("/", 1)[1] for k in stored if k.startswith("M/")} > linear
+    st.export(tmp_path / "out")
+    assert helpers.max_rel_err(helpers.load_safetensors_dir(tmp_path / "out"), want) < 1e-6

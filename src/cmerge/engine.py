@@ -418,7 +418,7 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
     def unit_bytes(u: Unit) -> int:
         per_element = 2 * plan.metas[u.name].dtype.itemsize  # base and incoming (alike)
         if not first:
-            per_element += len(method.accumulators) * opt.acc_dtype.itemsize
+            per_element += len(method.accumulators_of(is_projected(plan.kinds[u.name]))) * opt.acc_dtype.itemsize
         return rows_numel(plan.metas[u.name], u.rows) * per_element
 
     def read(u: Unit):
@@ -437,9 +437,11 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
         if first:
             accs = {}
         elif u.name in factored:
-            accs = {a: acc.get_factored(a, u.name) for a in method.accumulators}  # type: ignore[union-attr]
+            accs = {a: acc.get_factored(a, u.name)  # type: ignore[union-attr]
+                    for a in method.accumulators_of(is_projected(plan.kinds[u.name]))}
         else:
-            accs = {a: acc.get(a, u.name, u.rows) for a in method.accumulators}  # type: ignore[union-attr]
+            accs = {a: acc.get(a, u.name, u.rows)  # type: ignore[union-attr]
+                    for a in method.accumulators_of(is_projected(plan.kinds[u.name]))}
         ext = {k: src.get(u.name, u.rows) for k, src in extras.items()}
         for k, v in ext.items():
             if v.dtype.is_floating_point and not all_finite(v):
@@ -462,7 +464,7 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
             sums[k] = sums.get(k, 0.0) + v
         if update.note is not None:
             notes[u.name] = update.note
-        for a in method.accumulators:
+        for a in method.accumulators_of(is_projected(plan.kinds[u.name])):
             new = _stored(update.acc[a], factored.get(u.name), opt.acc_dtype)
             if not (new.isfinite() if isinstance(new, LowRank) else all_finite(new)):
                 raise CmergeError(f"merging {incoming.description} would store NaN or Inf in tensor {u.name!r} "
@@ -601,10 +603,11 @@ def iter_merged(method: Method, scalars: Mapping[str, Any], plan: Plan, base: Te
         b = base.get(u.name, u.rows)
         if plan.kinds[u.name] == PASSTHROUGH:
             return b, None
-        return b, {a: acc.get(a, u.name, u.rows) for a in method.accumulators}
+        return b, {a: acc.get(a, u.name, u.rows) for a in method.accumulators_of(is_projected(plan.kinds[u.name]))}
 
     def unit_bytes(u: Unit) -> int:
-        per_element = plan.metas[u.name].dtype.itemsize + len(method.accumulators) * opt.compute_dtype.itemsize
+        kept = method.accumulators_of(is_projected(plan.kinds[u.name]))
+        per_element = plan.metas[u.name].dtype.itemsize + len(kept) * opt.compute_dtype.itemsize
         return rows_numel(plan.metas[u.name], u.rows) * per_element
 
     bar = tqdm(total=len(plan.metas), desc=opt.desc, unit="tensor", disable=not opt.progress, leave=False)

@@ -162,6 +162,12 @@ class Method:
         incoming ones (None: the first step)."""
         return incoming if previous is None else previous + incoming
 
+    def accumulators_of(self, projected: bool) -> tuple[str, ...]:
+        """The accumulators one tensor keeps (``projected``: a linear-layer weight): ``accumulators``,
+        or fewer for a method whose extra accumulators serve only one kind of tensor. The rule returns,
+        and the state stores and hands back, exactly these for that tensor."""
+        return self.accumulators
+
     def elementwise(self, projected: bool) -> bool:
         """Whether :meth:`rule` acts element by element on a tensor of this kind (``projected``:
         a linear-layer weight), with sums that add up over elements.

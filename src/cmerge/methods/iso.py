@@ -7,8 +7,9 @@ their sum: with Σ_i τ_i = U diag(s) Vᵀ (r singular values),
 
 so every direction the tasks use gets the same weight, and α scales the result.
 
-Continual use, stored per tensor: S_t (the matrix whose spectrum is flattened) and
-M_t = θ_merged − θ0 (so the merged model is element-wise and exports stream):
+Continual use, stored per linear-layer weight: S_t (the matrix whose spectrum is flattened) and
+M_t = θ_merged − θ0 (so the merged model is element-wise and exports stream); every other
+tensor stores M_t only:
 
 - ``accumulate="sum"``: S_t = S_{t−1} + τ_t. After T steps the merge is Iso-C's on the T
   experts, whatever their order.
@@ -55,6 +56,9 @@ class Isotropic(Method):
     )
     accumulators = ("S", "M")
 
+    def accumulators_of(self, projected: bool) -> tuple[str, ...]:
+        return self.accumulators if projected else ("M",)  # S is flattened only for linear weights
+
     def elementwise(self, projected: bool) -> bool:
         return not projected  # linear weights need an SVD of the whole matrix
 
@@ -76,10 +80,9 @@ class Isotropic(Method):
             flat = [isotropic(m, self.p["scale"]).to(new.dtype) for m in mats]
             return TensorUpdate({"S": new, "M": flat[0] if new.ndim == 2 else torch.stack(flat)})
         if self.p["others"] == "base":
-            zero = torch.zeros_like(s.tau)
-            return TensorUpdate({"S": zero, "M": zero})
+            return TensorUpdate({"M": torch.zeros_like(s.tau)})
         mean = s.tau.clone() if s.t == 1 else s.acc["M"] + (s.tau - s.acc["M"]) / s.t
-        return TensorUpdate({"S": torch.zeros_like(s.tau), "M": mean})
+        return TensorUpdate({"M": mean})
 
     def merged(self, base: torch.Tensor, acc, scalars, *, name: str = "") -> torch.Tensor:
         return base + acc["M"]
