@@ -62,7 +62,7 @@ DISPLAY = {
 }
 COLUMNS = {8: ("text.json", "text"), 14: ("text14.json", "text14")}
 OURS = "iso:accumulate=opcm"  # our best row, compared head to head with the other leading rows
-HEAD_TO_HEAD = ["dop:solver=exact", "nufilt", "iso", "iso:accumulate=opcm:protect=0.3",
+HEAD_TO_HEAD = ["dop:solver=adam", "dop:solver=exact", "nufilt", "iso", "iso:accumulate=opcm:protect=0.3",
                 "iso:accumulate=opcm:protect=0.3:scale=1.8"]
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
@@ -126,7 +126,11 @@ def ordered(results: dict) -> dict:
 
 
 def combine(folders: list[Path]) -> dict[int, dict]:
-    """Result folders grouped by suite size and combined (same orders within a size)."""
+    """Result folders grouped by suite size and combined.
+
+    Within a size, every folder's orders must be the first orders of the folder with the most (the
+    orders are drawn one after another from one seed, so a folder run with fewer orders ran those).
+    """
     by_size: dict[int, list[dict]] = {}
     for folder in folders:
         part = load_results(Path(folder) / "results.json")
@@ -135,7 +139,10 @@ def combine(folders: list[Path]) -> dict[int, dict]:
     for size, parts in by_size.items():
         if size not in COLUMNS:
             sys.exit(f"a result folder holds {size} tasks; the text suite publishes 8 and 14.")
-        if len({str(p.get("orders")) for p in parts}) > 1:
+        parts.sort(key=lambda p: -len(p.get("orders") or []))
+        longest = parts[0].get("orders") or []
+        if any((p.get("orders") or []) != longest[:len(p.get("orders") or [])] or p.get("seed") != parts[0].get("seed")
+               for p in parts):
             sys.exit(f"the {size}-task result folders ran different task orders; they cannot be combined.")
         results = ordered(combine_results(*parts))
         for key in ("seed", "suite", "orders", "reference_split"):
@@ -171,7 +178,7 @@ def table1_columns(columns: dict[int, dict]) -> str:
                 cells += ["—", "—", "—"]
                 continue
             orders = "" if len(e["orders"]) == len(columns[n].get("orders") or e["orders"]) else \
-                f" ({len(e['orders'])} orders)"
+                f" ({len(e['orders'])} order{'s' if len(e['orders']) != 1 else ''})"
             cells += [fmt(e["acc_mean"], e["acc_std"]) + orders, fmt(e["bwt_mean"], e["bwt_std"]),
                       paired_text(columns[n], name)]
         lines.append("| " + " | ".join(cells) + " |")
