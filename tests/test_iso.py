@@ -6,10 +6,9 @@ import itertools
 
 import pytest
 import torch
-
-import helpers
 from safetensors.torch import load_file
 
+import helpers
 from cmerge import Merger, init_state, merge, open_state
 from cmerge.layers import PASSTHROUGH, is_projected
 from cmerge.methods.iso import isotropic
@@ -120,8 +119,8 @@ def test_memory_is_two_tensors_per_linear_weight_and_one_per_other_tensor(models
 
 
 def test_on_disk_state_stores_s_only_for_linear_weights(models, tmp_path):
-    """The state's accumulator file holds S for the linear weights only, and the state merges, resumes and
-    exports as the in-memory merger does."""
+    """The state's accumulator file holds S for the linear weights only, and the state's merge, resumed from
+    disk after the first step, exports the whole-model reference's."""
     base, exps = models
     base_dir = helpers.save_model(base, tmp_path / "base")
     paths = [helpers.save_model(e, tmp_path / f"e{i}") for i, e in enumerate(exps)]
