@@ -81,8 +81,8 @@ def floor_eigh(t1: torch.Tensor, t2: torch.Tensor) -> float:
     k = sum(dop.top_triplets(x, EPS)[1].numel() for x in (a, b))
     side = a @ a.mT
     stacked = torch.cat([a, b])
-    range_b = stacked @ stacked.mT if k < a.shape[1] else stacked.mT @ stacked  # K × K with K = min(n, k1 + k2)
-    range_b = range_b[:k, :k] if k < a.shape[1] else range_b
+    # K × K, K = min(n, k1 + k2): a principal block of the stacked pair's Gram, or B's own size
+    range_b = (stacked @ stacked.mT)[:k, :k] if k < a.shape[1] else stacked.mT @ stacked
     return timed(torch.linalg.eigh, side)[0] + timed(torch.linalg.eigh, range_b)[0]
 
 

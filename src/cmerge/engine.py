@@ -64,6 +64,10 @@ class Plan:
     def merged_names(self) -> list[str]:
         return [n for n in self.names if self.kinds[n] != PASSTHROUGH]
 
+    def accumulators(self, method: Method, name: str) -> tuple[str, ...]:
+        """The accumulators ``method`` keeps for merged tensor ``name`` (`Method.accumulators_of`)."""
+        return method.accumulators_of(is_projected(self.kinds[name]))
+
 
 @dataclass(frozen=True)
 class StepOptions:
@@ -418,7 +422,7 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
     def unit_bytes(u: Unit) -> int:
         per_element = 2 * plan.metas[u.name].dtype.itemsize  # base and incoming (alike)
         if not first:
-            per_element += len(method.accumulators_of(is_projected(plan.kinds[u.name]))) * opt.acc_dtype.itemsize
+            per_element += len(plan.accumulators(method, u.name)) * opt.acc_dtype.itemsize
         return rows_numel(plan.metas[u.name], u.rows) * per_element
 
     def read(u: Unit):
@@ -438,10 +442,10 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
             accs = {}
         elif u.name in factored:
             accs = {a: acc.get_factored(a, u.name)  # type: ignore[union-attr]
-                    for a in method.accumulators_of(is_projected(plan.kinds[u.name]))}
+                    for a in plan.accumulators(method, u.name)}
         else:
             accs = {a: acc.get(a, u.name, u.rows)  # type: ignore[union-attr]
-                    for a in method.accumulators_of(is_projected(plan.kinds[u.name]))}
+                    for a in plan.accumulators(method, u.name)}
         ext = {k: src.get(u.name, u.rows) for k, src in extras.items()}
         for k, v in ext.items():
             if v.dtype.is_floating_point and not all_finite(v):
@@ -464,7 +468,7 @@ def run_step(method: Method, scalars: Mapping[str, Any], t: int, plan: Plan, bas
             sums[k] = sums.get(k, 0.0) + v
         if update.note is not None:
             notes[u.name] = update.note
-        for a in method.accumulators_of(is_projected(plan.kinds[u.name])):
+        for a in plan.accumulators(method, u.name):
             new = _stored(update.acc[a], factored.get(u.name), opt.acc_dtype)
             if not (new.isfinite() if isinstance(new, LowRank) else all_finite(new)):
                 raise CmergeError(f"merging {incoming.description} would store NaN or Inf in tensor {u.name!r} "
@@ -603,11 +607,11 @@ def iter_merged(method: Method, scalars: Mapping[str, Any], plan: Plan, base: Te
         b = base.get(u.name, u.rows)
         if plan.kinds[u.name] == PASSTHROUGH:
             return b, None
-        return b, {a: acc.get(a, u.name, u.rows) for a in method.accumulators_of(is_projected(plan.kinds[u.name]))}
+        return b, {a: acc.get(a, u.name, u.rows) for a in plan.accumulators(method, u.name)}
 
     def unit_bytes(u: Unit) -> int:
-        kept = method.accumulators_of(is_projected(plan.kinds[u.name]))
-        per_element = plan.metas[u.name].dtype.itemsize + len(kept) * opt.compute_dtype.itemsize
+        per_element = (plan.metas[u.name].dtype.itemsize
+                       + len(plan.accumulators(method, u.name)) * opt.compute_dtype.itemsize)
         return rows_numel(plan.metas[u.name], u.rows) * per_element
 
     bar = tqdm(total=len(plan.metas), desc=opt.desc, unit="tensor", disable=not opt.progress, leave=False)

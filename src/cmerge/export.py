@@ -147,7 +147,7 @@ def export_lora(out: str | os.PathLike, plan: Plan, method: Method, scalars: Map
     for name in names:
         kind = plan.kinds[name]
         delta = method.merged_delta({a: (acc.get_factored(a, name) if name in factored else acc.get(a, name))
-                                     for a in method.accumulators_of(is_projected(kind))}, scalars, name=name)
+                                     for a in plan.accumulators(method, name)}, scalars, name=name)
         lr = delta if isinstance(delta, LowRank) else None
         if lr is None and not bool(torch.any(delta)):
             continue  # unchanged by the merge

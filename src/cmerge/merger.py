@@ -20,7 +20,7 @@ from .errors import CmergeError
 from .export import LoraExport, export_lora, export_merged
 from .io import (DEFAULT_SHARD_SIZE, HashingSource, TensorSource, content_digest, content_hash, dtype_name, open_source,
                  parse_dtype)
-from .layers import PASSTHROUGH, classify, is_projected
+from .layers import PASSTHROUGH, classify
 from .lowrank import LowRank
 from .manifest import StepRecord
 from .methods import get_method
@@ -90,10 +90,6 @@ class Merger:
         factors for a factored tensor). For inspection; change the merge only through add() and override()."""
         return self._acc.data
 
-    def _kept(self, name: str) -> tuple[str, ...]:
-        """The accumulators the method keeps for tensor ``name``."""
-        return self.method.accumulators_of(is_projected(self.plan.kinds[name]))
-
     def _step_options(self, **changes: Any) -> StepOptions:
         return replace(self.options, compute_dtype=self.compute_dtype, acc_dtype=self.compute_dtype,
                        device=self.device, progress=self.progress, **changes)
@@ -149,7 +145,7 @@ class Merger:
             if name not in self.plan.metas:
                 raise CmergeError(f"cannot override tensor {name!r}: the base model has no tensor of that name.")
             if self.plan.kinds[name] == PASSTHROUGH or any(name not in self._acc.data.get(a, {})
-                                                          for a in self._kept(name)):
+                                                          for a in self.plan.accumulators(self.method, name)):
                 raise CmergeError(f"cannot override tensor {name!r}: it is not merged (a non-floating tensor copied "
                                   f"from the base).")
             if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
@@ -165,12 +161,12 @@ class Merger:
                 raise CmergeError(f"cannot override tensor {name!r}: the new value contains NaN or Inf "
                                   f"(in {dtype_name(self.compute_dtype)}); nothing was changed.")
             base = self.base.get(name).to(dev, self.compute_dtype)
-            acc = {a: self._acc.get(a, name).to(dev, self.compute_dtype) for a in self._kept(name)}
+            acc = {a: self._acc.get(a, name).to(dev, self.compute_dtype) for a in self.plan.accumulators(self.method, name)}
             out = self.method.unmerge(base, x, acc, self.scalars)
             if not all(bool(torch.isfinite(v).all()) for v in out.values()):
                 raise CmergeError(f"cannot override tensor {name!r}: method {self.method.name} would store NaN or Inf "
                                   f"for it; nothing was changed.")
-            new[name] = {a: out[a].to("cpu", self.compute_dtype) for a in self._kept(name)}
+            new[name] = {a: out[a].to("cpu", self.compute_dtype) for a in self.plan.accumulators(self.method, name)}
         if not new:
             return
         for name, accs in new.items():

@@ -34,7 +34,7 @@ from .io.hub import download, looks_like_hub_id
 from .io import (DEFAULT_SHARD_SIZE, HashingSource, SafetensorsSource, StreamingSafetensorsWriter, TensorSource,
                  base_matches, combine_digests, content_digest, content_hash, describe, dtype_name, open_source,
                  parse_dtype, tensor_digest)
-from .layers import Classification, classify, is_projected
+from .layers import Classification, classify
 from .lowrank import LowRank
 from .manifest import MANIFEST, BaseRecord, Manifest, StepRecord, TensorRecord, file_fingerprints
 from .methods import Method, get_method
@@ -58,7 +58,7 @@ def accumulator_specs(plan: Plan, method: Method, dtype: torch.dtype, factored: 
     factored = factored or {}
     specs = []
     for n in plan.merged_names():
-        for a in method.accumulators_of(is_projected(plan.kinds[n])):
+        for a in plan.accumulators(method, n):
             if n in factored:
                 m, k = plan.metas[n].shape
                 specs += [(accumulator_key(a, n, "L"), dtype, (m, factored[n])),
