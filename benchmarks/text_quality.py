@@ -140,9 +140,8 @@ def combine(folders: list[Path]) -> dict[int, dict]:
         if size not in COLUMNS:
             sys.exit(f"a result folder holds {size} tasks; the text suite publishes 8 and 14.")
         parts.sort(key=lambda p: -len(p.get("orders") or []))
-        longest = parts[0].get("orders") or []
-        part_orders = [p.get("orders") or [] for p in parts]
-        if any(o != longest[:len(o)] or p.get("seed") != parts[0].get("seed") for o, p in zip(part_orders, parts)):
+        longest, seed = parts[0].get("orders") or [], parts[0].get("seed")
+        if any((o := p.get("orders") or []) != longest[:len(o)] or p.get("seed") != seed for p in parts):
             sys.exit(f"the {size}-task result folders ran different task orders; they cannot be combined.")
         results = ordered(combine_results(*parts))
         for key in ("seed", "suite", "orders", "reference_split"):

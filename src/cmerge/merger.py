@@ -144,8 +144,8 @@ class Merger:
         for name, x in tensors.items():
             if name not in self.plan.metas:
                 raise CmergeError(f"cannot override tensor {name!r}: the base model has no tensor of that name.")
-            if self.plan.kinds[name] == PASSTHROUGH or any(name not in self._acc.data.get(a, {})
-                                                          for a in self.plan.accumulators(self.method, name)):
+            kept = self.plan.accumulators(self.method, name)
+            if self.plan.kinds[name] == PASSTHROUGH or any(name not in self._acc.data.get(a, {}) for a in kept):
                 raise CmergeError(f"cannot override tensor {name!r}: it is not merged (a non-floating tensor copied "
                                   f"from the base).")
             if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
@@ -161,12 +161,12 @@ class Merger:
                 raise CmergeError(f"cannot override tensor {name!r}: the new value contains NaN or Inf "
                                   f"(in {dtype_name(self.compute_dtype)}); nothing was changed.")
             base = self.base.get(name).to(dev, self.compute_dtype)
-            acc = {a: self._acc.get(a, name).to(dev, self.compute_dtype) for a in self.plan.accumulators(self.method, name)}
+            acc = {a: self._acc.get(a, name).to(dev, self.compute_dtype) for a in kept}
             out = self.method.unmerge(base, x, acc, self.scalars)
             if not all(bool(torch.isfinite(v).all()) for v in out.values()):
                 raise CmergeError(f"cannot override tensor {name!r}: method {self.method.name} would store NaN or Inf "
                                   f"for it; nothing was changed.")
-            new[name] = {a: out[a].to("cpu", self.compute_dtype) for a in self.plan.accumulators(self.method, name)}
+            new[name] = {a: out[a].to("cpu", self.compute_dtype) for a in kept}
         if not new:
             return
         for name, accs in new.items():
