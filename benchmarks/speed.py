@@ -72,7 +72,8 @@ SPEEDUP_TARGET = 3.0   # the float32 kernel against the reference approach, star
 FLOOR_TARGET = 1.3     # cmerge's step against the machine's floor, each kernel in its precision
 STEP_METHODS = "opcm,dop:solver=exact,nufilt,iso,iso:accumulate=opcm"  # timed beside OPCM's step
 DOP_TARGET = 2.0       # DOP's exact solver's step against OPCM's (issue #14)
-METHODS_BEGIN, METHODS_END = "<!-- methods-speed:begin -->", "<!-- methods-speed:end -->"
+METHODS_MARKS = ("<!-- methods-speed:begin -->", "<!-- methods-speed:end -->")
+METHODS_GPU_MARKS = ("<!-- methods-speed-gpu:begin -->", "<!-- methods-speed-gpu:end -->")  # --device cuda
 
 
 # ---------------------------------------------------------------- processes
@@ -477,18 +478,19 @@ class Bench:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
         states = {}
+        on = ["--device", self.args.device] if self.args.device != "cpu" else []
         for i, row in enumerate(rows):
             method, params = parse_row(row)
             states[row] = d / f"state{i}"
             self.init(states[row], m[0], method, no_project, **params)
             for t in range(1, step):
-                self.cmerge("add", states[row], m[t], "-q")
+                self.cmerge("add", states[row], m[t], "-q", *on)
         out: dict = {"model": f"{spec.key}: {spec.title}{note}", "key": spec.key, "step": step, "runs": runs,
                      "rows": {row: {"wall": [], "rss": [], "load": []} for row in rows}}
         for _ in range(runs):
             for row, state in states.items():
                 tmp = clone_state(state, d / "tmp")
-                r = self.cmerge("add", tmp, m[step], "-q")
+                r = self.cmerge("add", tmp, m[step], "-q", *on)
                 shutil.rmtree(tmp)
                 for k, v in (("wall", r.wall), ("rss", r.rss_mb), ("load", r.load)):
                     out["rows"][row][k].append(v)
@@ -659,7 +661,7 @@ def step_floor(res: Result, rates: dict, route: str) -> tuple[float, float]:
 # ---------------------------------------------------------------- report
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     model = platform.processor() or "?"
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -668,7 +670,8 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name()}" if device != "cpu" and torch.cuda.is_available() else ""
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}, torch {torch.__version__}"
 
 
 def check(ok: bool) -> str:
@@ -883,12 +886,15 @@ def per_round_ratios(walls: list[float], reference: list[float]) -> list[float]:
     return [w / r for w, r in zip(walls, reference)]
 
 
-def methods_section(parts: list[dict], command: str, started: float, reference: str = "opcm") -> str:
+def methods_section(parts: list[dict], command: str, started: float, reference: str = "opcm",
+                    device: str = "cpu") -> str:
     """The data-free methods' step beside OPCM's: the table and the DOP target."""
-    lines = ["### The data-free methods' step beside OPCM's (`benchmarks/speed.py`)", "",
+    on = "" if device == "cpu" else f" on the GPU (`--device {device}`)"
+    lines = [f"### The data-free methods' step beside OPCM's{on} (`benchmarks/speed.py`)", "",
              f"Command: `{command}` — {dt.datetime.fromtimestamp(started).strftime('%Y-%m-%d %H:%M')}; machine: "
-             f"{machine()}.", "",
-             "`cmerge add STATE MODEL -q` of the step shown, each method with its defaults (OPCM: the float64 "
+             f"{machine(device)}.", "",
+             f"`cmerge add STATE MODEL -q{' --device ' + device if on else ''}` of the step shown, each method with "
+             "its defaults (OPCM: the float64 "
              "kernel), on a copy of its state after the step before; wall time of the whole process (start-up and "
              "I/O included), median over the runs; *× OPCM*: the median over rounds of the method's time over "
              "OPCM's in the same round (each round runs every method once, so the two share the machine's load); "
@@ -1019,6 +1025,9 @@ def main() -> None:
     ap.add_argument("--before", default="HEAD", help="the revision the start-up rows compare this tree with")
     ap.add_argument("--step-methods", default=STEP_METHODS,
                     help=f"the methods whose step is timed beside OPCM's on (b) and (c) (default {STEP_METHODS})")
+    ap.add_argument("--device", default="cpu",
+                    help="where the data-free methods' `cmerge add` computes (cpu, cuda); with --methods-only, a "
+                         "GPU run writes its own section of the doc")
     ap.add_argument("--methods-only", action="store_true",
                     help="only the methods' steps on the models of --models among b and c, into their own section")
     ap.add_argument("--no-candidates", action="store_true", help="skip the kernel candidates")
@@ -1058,13 +1067,13 @@ def main() -> None:
                                     no_project if k == "c" else None,
                                     ", layer 0 projected" if k == "c" and no_project else "")
                  for k in "bc" if k in args.models]
-        return methods_section(parts, command.strip(), started)
+        return methods_section(parts, command.strip(), started, device=args.device)
 
     if args.methods_only:
         text = method_steps()
         print("\n" + text)
         if doc is not None:
-            write_doc(text, doc, METHODS_BEGIN, METHODS_END)
+            write_doc(text, doc, *(METHODS_MARKS if args.device == "cpu" else METHODS_GPU_MARKS))
             print(f"\nwrote {doc}")
         if not args.keep:
             shutil.rmtree(bench.work, ignore_errors=True)
@@ -1126,7 +1135,7 @@ def main() -> None:
     if doc is not None:
         write_doc(text, doc)
         write_doc(startup_text, doc, STARTUP_BEGIN, STARTUP_END)
-        write_doc(methods_text, doc, METHODS_BEGIN, METHODS_END)
+        write_doc(methods_text, doc, *(METHODS_MARKS if args.device == "cpu" else METHODS_GPU_MARKS))
         print(f"\nwrote {doc}")
     if not args.keep:
         shutil.rmtree(bench.work, ignore_errors=True)

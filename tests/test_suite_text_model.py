@@ -276,7 +276,7 @@ def test_runs_sharing_the_cache_split_the_missing_experts(loaded, tmp_path, monk
                for t in TASKS.values()}
     trained = []
 
-    def fake_train(backbone, tok, base, task, rec, *, cache_dir=None, progress=True):
+    def fake_train(backbone, tok, base, task, rec, *, cache_dir=None, progress=True, device="cpu"):
         folder = folders[task.name]
         if not is_expert(folder):
             trained.append(task.name)
@@ -754,6 +754,63 @@ def test_bench_refuses_missing_packages_and_bad_sizes(monkeypatch, tmp_path):
         bench.load_suite(5)
     with pytest.raises(CmergeError, match="--continual-ft-orders"):
         bench.run_text_bench(tmp_path, TASKS, n_orders=2, continual_ft_orders=3)
+
+
+def test_tasks_in_the_cache_need_no_package(monkeypatch, tmp_path):
+    """A machine with the task files copied into its cache (a GPU box, say) loads the suite without the
+    Debian packages: only the tasks missing from the cache are checked for their sources."""
+    from cmerge.suites import bench
+
+    cached, absent = tmp_path / "cached.json", tmp_path / "absent.json"
+    cached.write_text("{}")
+    asked = []
+    monkeypatch.setattr(bench, "task_cache_path", lambda name: absent if name == "word_pos" else cached)
+    monkeypatch.setattr(bench, "missing_sources", lambda names: asked.extend(names) or [])
+    monkeypatch.setattr(bench, "load_task", lambda name: f"task {name}")
+    assert bench.load_suite(8) == {name: f"task {name}" for name in bench.SUITES[8]}
+    assert asked == ["word_pos"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_bench_text_refuses_a_missing_gpu_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from cmerge.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "text", "--device", "cuda", "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "no CUDA device" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _without_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_finetuning_and_scoring_match_the_cpu(loaded):
+    """Same weights, same batches: the GPU gives the CPU's numbers up to float32 rounding (dropout off: its masks
+    come from each device's own generator, a different draw)."""
+    import copy
+
+    model, tokenizer, _ = loaded
+    cpu = _without_dropout(copy.deepcopy(model))
+    gpu = copy.deepcopy(cpu).cuda()
+    head = zero_shot_head(model, tokenizer, COLORS.descriptions, 16)
+    a = finetune(cpu, tokenizer, COLORS.train, head, FAST)
+    b = finetune(gpu, tokenizer, COLORS.train, head, FAST)
+    assert next(gpu.parameters()).is_cuda and all(not t.is_cuda for t in b.exp_avg_sq.values())
+    torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-3, atol=1e-4)
+    for name, t in cpu.state_dict().items():
+        torch.testing.assert_close(gpu.state_dict()[name].cpu(), t, rtol=1e-3, atol=1e-4)
+    on_cpu = TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16).evaluate(cpu.state_dict(), list(TASKS))
+    on_gpu = TextSuiteEvaluator(model, tokenizer, TASKS, max_len=16, device="cuda").evaluate(
+        gpu.state_dict(), list(TASKS))
+    for name in TASKS:
+        assert abs(on_gpu[name].accuracy - on_cpu[name].accuracy) <= 1 / len(TASKS[name].test)
+        assert on_gpu[name].loss == pytest.approx(on_cpu[name].loss, rel=1e-3)
 
 
 def test_sweeps_choose_on_validation_rows_report_test_and_pair_with_opcm(base_folder, tmp_path, monkeypatch):

@@ -445,6 +445,7 @@ def test_cache_is_read_back_and_keyed_by_recipe(roots, tmp_path, monkeypatch):
     first = td.load_task("emoji_group", cache_dir=cache, roots=roots, sizes=SMALL)
     [path] = cache.glob("emoji_group-*.json")
     assert json.loads(path.read_text(encoding="utf-8"))["labels"] == first.labels
+    assert td.task_cache_path("emoji_group", cache_dir=cache, roots=roots, sizes=SMALL) == path
 
     def fail(_):
         raise AssertionError("rebuilt although cached")

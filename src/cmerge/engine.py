@@ -132,6 +132,13 @@ def resolve_device(device: str) -> torch.device:
         raise CmergeError(f"unknown device {device!r}; use cpu, cuda or auto.") from None
 
 
+def device_name(device: torch.device) -> str:
+    """``cuda (NVIDIA H100 80GB HBM3)`` for a GPU, the device's type otherwise: what a result computed there records."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def check_compatible(plan: Plan, source: TensorSource, what: str) -> None:
     """Names, shapes and floating dtypes of ``source`` must match the base's; one sentence if not."""
     have, want = set(source.keys()), set(plan.metas)

@@ -64,8 +64,9 @@ def run_text(entry: dict) -> str:
     """``opcm(alpha=0.3†)``: the registry method, its parameters and the suite's variant keys.
 
     Everything that tells two rows apart goes in: the method's parameters (a mark after
-    each value a sweep or the paper chose), which experts were merged (``experts=linear``)
-    and the alignment after each step (``align=ridge``).
+    each value a sweep or the paper chose), which experts were merged (``experts=linear``),
+    the alignment after each step (``align=ridge``) and, for a row computed off the CPU, where
+    (``device=...``).
     """
     chosen = entry.get("chosen") or {}
     items = []
@@ -78,6 +79,8 @@ def run_text(entry: dict) -> str:
     align = (entry.get("alignment") or {}).get("align")
     if align and align != "off":
         items.append(f"align={align}")
+    if entry.get("device"):
+        items.append(f"device={entry['device']}")
     text = ", ".join(items)
     method = entry.get("method") or ""
     return f"`{method}({text})`" if method else (f"`{text}`" if text else "—")

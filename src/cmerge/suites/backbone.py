@@ -66,8 +66,16 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device ``model``'s parameters are on (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def embed(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean-pooled sentence embeddings (B × d), not normalised."""
+    """Mean-pooled sentence embeddings (B × d), not normalised, on ``model``'s device (the token
+    tensors are moved there)."""
+    device = model_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return mean_pool(hidden, attention_mask)
 

@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from cmerge.engine import device_name, resolve_device
 from cmerge.errors import CmergeError
 from cmerge.evaluation.orders import shuffled_orders
 from cmerge.evaluation.report import write_report
@@ -74,6 +75,7 @@ from cmerge.suites.sources import packages
 from cmerge.suites.text import TextSuiteEvaluator
 from cmerge.suites.text_data import (
     DATA_RECIPE_VERSION, SETUP_HINT, SPLITS, TASKS_8, TASKS_14, TextTask, cache_root, load_task, missing_sources,
+    task_cache_path,
 )
 
 log = logging.getLogger(__name__)
@@ -276,10 +278,11 @@ def pending_orders(entry: dict | None, orders: Sequence[Sequence[str]]) -> list[
 
 
 def load_suite(n_tasks: int) -> dict[str, TextTask]:
-    """The 8- or 14-task text suite, by name, or a CmergeError naming the packages to install."""
+    """The 8- or 14-task text suite, by name, or a CmergeError naming the packages to install.
+    A task already in the cache needs no package."""
     if n_tasks not in SUITES:
         raise CmergeError(f"the text suite has {' or '.join(map(str, SUITES))} tasks, not {n_tasks}.")
-    missing = missing_sources(SUITES[n_tasks])
+    missing = missing_sources([name for name in SUITES[n_tasks] if not task_cache_path(name).is_file()])
     if missing:
         raise CmergeError(f"the {n_tasks}-task text suite lacks the Debian package(s) {', '.join(missing)}; run "
                           f"{SETUP_HINT} as root, which installs every package the suite reads "
@@ -292,7 +295,7 @@ def run_text_bench(
     seed: int = 0, recipe: FinetuneRecipe | None = None, continual_ft_orders: int = 0,
     sweeps: Sequence[str] = (), sweep_orders: int = 1, align_samples: int = 128,
     backbone_folder: Path | None = None, cache_dir: Path | None = None, progress: bool = True,
-    workers: int = 1, paired_reference: str | None = None, rows: str = "all",
+    workers: int = 1, paired_reference: str | None = None, rows: str = "all", device: str = "cpu",
 ) -> dict:
     """Run the benchmark over ``tasks`` into ``out_dir`` and return the results document.
 
@@ -305,6 +308,8 @@ def run_text_bench(
     ``paired_reference`` the row every other one is compared with (default ``opcm``);
     ``rows="diagonal+final"`` scores, in every merging row, only what ACC and BWT need
     (runner.run_order; the same ACC and BWT, no accuracy curves), as ``--demo`` does.
+    ``device`` (cpu, cuda or auto) is where fine-tuning and scoring run; the merges stay on
+    the CPU. A row computed elsewhere records it (``entry["device"]``).
     """
     if not 0 <= continual_ft_orders <= n_orders:
         raise CmergeError(f"--continual-ft-orders must be between 0 and --orders ({n_orders}), got {continual_ft_orders}.")
@@ -318,19 +323,23 @@ def run_text_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
 
+    torch_device = resolve_device(device)
+    where = {} if torch_device.type == "cpu" else {"device": device_name(torch_device)}
     backbone, tokenizer, base_folder = load_backbone(backbone_folder)
     expert_sets = {"standard": build_experts(backbone, tokenizer, base_folder, tasks.values(), recipe,
-                                             cache_dir=cache_dir, progress=progress)}
+                                             cache_dir=cache_dir, progress=progress, device=torch_device)}
     if any(spec.experts == "linear" for spec in specs):
         expert_sets["linear"] = build_experts(backbone, tokenizer, base_folder, tasks.values(),
-                                              replace(recipe, linearized=True), cache_dir=cache_dir, progress=progress)
+                                              replace(recipe, linearized=True), cache_dir=cache_dir, progress=progress,
+                                              device=torch_device)
     experts = expert_sets["standard"]
     evaluators: dict[str, TextSuiteEvaluator] = {}
 
     def evaluator(split: str) -> TextSuiteEvaluator:  # built on first use: tokenising a split takes a while
         if split not in evaluators:
             evaluators[split] = TextSuiteEvaluator(backbone, tokenizer, tasks, split=split, max_len=recipe.max_len,
-                                                   logit_scale=recipe.logit_scale, workers=workers)
+                                                   logit_scale=recipe.logit_scale, workers=workers,
+                                                   device=torch_device)
         return evaluators[split]
 
     orders = shuffled_orders(task_names, n_orders, seed)
@@ -387,6 +396,7 @@ def run_text_bench(
                                todo, progress=progress, desc=label, post_step=post_step, rows=rows)
             entry["experts"] = spec.experts
             entry["split"] = ROW_SPLIT
+            entry.update(where)
             if post_step is not None:
                 entry["alignment"] = post_step.params
             if chosen:
@@ -397,8 +407,10 @@ def run_text_bench(
         existing = load_results(results_path)["methods"].get(CONTINUAL_FT)
         if existing is None or len(existing["orders"]) < continual_ft_orders:
             entry = continual_finetuning_entry(backbone, tokenizer, base_folder, tasks, orders[:continual_ft_orders],
-                                               recipe, evaluator(ROW_SPLIT), cache_dir=cache_dir, progress=progress)
+                                               recipe, evaluator(ROW_SPLIT), cache_dir=cache_dir, progress=progress,
+                                               device=torch_device)
             entry["split"] = ROW_SPLIT
+            entry.update(where)
             results = record(results_path, "methods", CONTINUAL_FT, entry, replace_fewer_orders=True)
     spent = [e for e in evaluators.values() if e.task_evaluations]
     if spent:

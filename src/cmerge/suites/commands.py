@@ -77,11 +77,14 @@ def bench_command() -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="tasks an evaluation scores side by side, one core each (default: one per core); the "
                    "results do not depend on it.")
+@click.option("--device", default="cpu", show_default=True,
+              help="where fine-tuning and scoring run: cpu, cuda or auto (a GPU when there is one); the merges "
+                   "stay on the CPU.")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars.")
 def text_command(n_tasks: str, n_orders: int | None, demo: bool, scored: str | None, seed: int, methods: str | None,
                  sweeps: tuple[str, ...], sweep_orders: int, align_samples: int, continual_ft_orders: int,
                  steps: int, lr: float, cache_dir: Path | None, out_dir: Path, threads: int,
-                 workers: int | None, paired_reference: str, quiet: bool) -> None:
+                 workers: int | None, paired_reference: str, device: str, quiet: bool) -> None:
     """Continual merging of all-MiniLM-L6-v2 experts on the offline text suite.
 
     Fine-tunes (or reuses from the cache) one expert per task with a frozen zero-shot
@@ -90,8 +93,10 @@ def text_command(n_tasks: str, n_orders: int | None, demo: bool, scored: str | N
     report, and prints Table 1 (ACC and BWT, mean ± std over orders, paired differences).
     """
     from cmerge.evaluation.report import table1_markdown
+    from cmerge.engine import resolve_device
     from cmerge.suites.bench import load_suite, run_text_bench
 
+    resolve_device(device)  # a device this machine lacks is refused before any work
     torch.set_num_threads(threads)
     if not quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -102,7 +107,7 @@ def text_command(n_tasks: str, n_orders: int | None, demo: bool, scored: str | N
                              sweeps=sweeps, sweep_orders=min(sweep_orders, n_orders), align_samples=align_samples,
                              recipe=FinetuneRecipe(steps=steps, lr=lr), continual_ft_orders=continual_ft_orders,
                              cache_dir=cache_dir, progress=not quiet, workers=workers or os.cpu_count() or 1,
-                             paired_reference=paired_reference, rows=SCORED[scored])
+                             paired_reference=paired_reference, rows=SCORED[scored], device=device)
     click.echo(table1_markdown(results))
     click.echo(f"wrote {out_dir / 'results.json'} and the report in {out_dir}", err=True)
 

@@ -47,16 +47,16 @@ RECORD_FILE = "record.json"
 def continual_finetuning(
     backbone: torch.nn.Module, tokenizer, tasks: Mapping[str, TextTask], order: Sequence[str],
     recipe: FinetuneRecipe, evaluator: TextSuiteEvaluator, *, progress: bool = True,
-    checkpoint: Path | None = None,
+    checkpoint: Path | None = None, device: str | torch.device = "cpu",
 ) -> dict[str, list]:
     """``{"matrix": ..., "losses": ...}`` of one order: lower-triangular, accuracies in percent.
 
     ``backbone`` holds the pre-trained weights and is not modified. With ``checkpoint``
     (a folder), the weights and rows so far are saved there after every task and, when
     the folder holds an earlier partial run of this order, training resumes after its
-    last finished task.
+    last finished task. Training runs on ``device``.
     """
-    model = copy.deepcopy(backbone)
+    model = copy.deepcopy(backbone).to(device)
     anchor = {n: p.detach() for n, p in backbone.named_parameters()} if recipe.linearized else None
     record: dict[str, list] = {"matrix": [], "losses": []}
     resumed = _read_checkpoint(checkpoint, order) if checkpoint is not None else None
@@ -95,7 +95,7 @@ def _write_checkpoint(folder: Path, order: Sequence[str], record: dict[str, list
     folder.mkdir(parents=True, exist_ok=True)
     t = len(record["matrix"])
     weights = f"step-{t:03d}.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / weights))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / weights))
     tmp = folder / f".{RECORD_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"order": list(order), "weights": weights, **record}) + "\n")
     os.replace(tmp, folder / RECORD_FILE)
@@ -115,10 +115,11 @@ def order_key(recipe: FinetuneRecipe, tasks: Mapping[str, TextTask], order: Sequ
 def continual_finetuning_entry(
     backbone: torch.nn.Module, tokenizer, base_folder: Path, tasks: Mapping[str, TextTask],
     orders: Sequence[Sequence[str]], recipe: FinetuneRecipe, evaluator: TextSuiteEvaluator, *,
-    cache_dir: Path | None = None, progress: bool = True,
+    cache_dir: Path | None = None, progress: bool = True, device: str | torch.device = "cpu",
 ) -> dict:
     """A results-document method entry (``results.method_entry``) for continual fine-tuning,
-    reusing each order's cached matrices. Its ``params`` name the recipe's lr and steps."""
+    reusing each order's cached matrices. Its ``params`` name the recipe's lr and steps.
+    The missing orders are trained on ``device``; the cache key does not name it."""
     folder = (Path(cache_dir) if cache_dir is not None else cache_root()) / "continual-ft"
     folder.mkdir(parents=True, exist_ok=True)
     base = base_fingerprint(base_folder)
@@ -129,7 +130,7 @@ def continual_finetuning_entry(
         if not path.is_file():  # not cached earlier, nor by another run while this one waited
             partial = path.with_suffix(".partial")
             record = continual_finetuning(backbone, tokenizer, tasks, order, recipe, evaluator, progress=progress,
-                                          checkpoint=partial)
+                                          checkpoint=partial, device=device)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"order": list(order), **record}) + "\n")
             tmp.replace(path)

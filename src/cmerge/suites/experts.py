@@ -121,12 +121,15 @@ def expert_info(folder: Path) -> dict:
 def train_expert(
     backbone: torch.nn.Module, tokenizer, base_folder: Path, task: TextTask, recipe: FinetuneRecipe,
     *, cache_dir: Path | None = None, start: Mapping[str, torch.Tensor] | None = None, progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """The cached expert of ``task`` under ``recipe``; fine-tunes and writes it when missing.
 
     ``backbone`` holds the pre-trained weights and is not modified: the head is computed
     from it and training runs on a copy, started from ``start`` (a state dict; default the
     backbone itself). A linearised recipe is linearised at the backbone's weights.
+    Training runs on ``device``; the cache key does not name it (a GPU gives the same expert
+    up to float32 rounding).
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
     base_fp = base_fingerprint(base_folder)
@@ -136,7 +139,7 @@ def train_expert(
     if is_expert(folder):
         return folder
     head = zero_shot_head(backbone, tokenizer, task.descriptions, recipe.max_len)
-    model = copy.deepcopy(backbone)
+    model = copy.deepcopy(backbone).to(device)
     if start is not None:
         load_weights(model, start)
     anchor = {n: p.detach() for n, p in backbone.named_parameters()} if recipe.linearized else None
@@ -149,14 +152,15 @@ def train_expert(
         "n_train": len(task.train), "losses": result.losses, "seconds": result.seconds,
         "seconds_per_step": result.seconds_per_step, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_expert(folder, model.state_dict(), result.exp_avg_sq, base_folder, info, result.adam_metadata)
+    weights = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    write_expert(folder, weights, result.exp_avg_sq, base_folder, info, result.adam_metadata)
     log.info("%s: %.2f s/step, last loss %.3f -> %s", task.name, result.seconds_per_step, result.losses[-1], folder)
     return folder
 
 
 def build_experts(
     backbone: torch.nn.Module, tokenizer, base_folder: Path, tasks: Iterable[TextTask], recipe: FinetuneRecipe,
-    *, cache_dir: Path | None = None, progress: bool = True,
+    *, cache_dir: Path | None = None, progress: bool = True, device: str | torch.device = "cpu",
 ) -> dict[str, Path]:
     """Task name → expert folder for each task (see :func:`train_expert`), fine-tuning only the missing ones.
 
@@ -171,6 +175,7 @@ def build_experts(
     if missing:
         folders[missing[0].name].parent.mkdir(parents=True, exist_ok=True)
     for task in claim_each(missing, lambda task: folders[task.name].with_name(folders[task.name].name + ".lock")):
-        train_expert(backbone, tokenizer, base_folder, task, recipe, cache_dir=cache, progress=progress)
+        train_expert(backbone, tokenizer, base_folder, task, recipe, cache_dir=cache, progress=progress,
+                     device=device)
     return {task.name: train_expert(backbone, tokenizer, base_folder, task, recipe, cache_dir=cache,
-                                    progress=progress) for task in tasks}
+                                    progress=progress, device=device) for task in tasks}

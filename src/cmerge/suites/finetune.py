@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cmerge.suites.backbone import embed, mean_pool, tokenize
+from cmerge.suites.backbone import embed, mean_pool, model_device, tokenize
 from cmerge.suites.heads import LOGIT_SCALE, cosine_logits
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -115,7 +115,8 @@ def linearized_forward(model: torch.nn.Module, anchor: Mapping[str, torch.Tensor
     missing = [n for n in names if n not in anchor]
     if missing:
         raise ValueError(f"the linearisation anchor lacks parameter {missing[0]!r}; give the base state dict")
-    theta0 = tuple(anchor[n].detach().to(torch.float32) for n in names)
+    device = model_device(model)
+    theta0 = tuple(anchor[n].detach().to(device, torch.float32) for n in names)
     buffers = dict(model.named_buffers())
 
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -169,6 +170,8 @@ def finetune(
 
     ``anchor`` is θ0 for a linearised recipe (required then, refused otherwise).
     ``progress`` shows a bar (a string names it). The model is left in eval mode.
+    Training runs on the device the model is on (the batches and the head are moved
+    there); the seeded shuffle and the returned second moments stay on the CPU.
     """
     if not train:
         raise ValueError("fine-tuning needs at least one training example")
@@ -185,13 +188,15 @@ def finetune(
     start = time.perf_counter()
     bar = tqdm(total=recipe.steps, desc=progress if isinstance(progress, str) else "fine-tune",
                disable=not progress, leave=False)
-    with torch.random.fork_rng(devices=[]):
+    device = model_device(model)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(recipe.seed)
         model.train(not recipe.linearized)
         for idx in batch_indices(len(texts), recipe.batch_size, generator):
             batch = tokenize(tokenizer, [texts[i] for i in idx.tolist()], recipe.max_len)
             logits = cosine_logits(forward(batch["input_ids"], batch["attention_mask"]), head, recipe.logit_scale)
-            loss = F.cross_entropy(logits, labels[idx])
+            loss = F.cross_entropy(logits, labels[idx].to(device))
             losses.append(optimizer_step(loss, optimizer, scheduler, params, recipe.grad_clip))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -204,10 +209,11 @@ def finetune(
 
 
 def second_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW's raw ``exp_avg_sq`` for every parameter name; zeros where no gradient ever came
-    (e.g. BERT's pooler, unused by mean pooling)."""
+    """AdamW's raw ``exp_avg_sq`` for every parameter name, on the CPU; zeros where no gradient ever
+    came (e.g. BERT's pooler, unused by mean pooling)."""
     out = {}
     for name, p in model.named_parameters():
         state = optimizer.state.get(p, {})
-        out[name] = state["exp_avg_sq"].detach().clone() if "exp_avg_sq" in state else torch.zeros_like(p)
+        moment = state["exp_avg_sq"].detach() if "exp_avg_sq" in state else torch.zeros_like(p)
+        out[name] = moment.to("cpu", copy=True)
     return out

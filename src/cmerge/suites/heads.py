@@ -45,5 +45,6 @@ def zero_shot_head(model: torch.nn.Module, tokenizer, descriptions: Sequence[str
 
 
 def cosine_logits(features: torch.Tensor, head: torch.Tensor, scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """``scale · cos(features, head rows)``: B × C logits from B × d features and a C × d unit head."""
-    return scale * F.normalize(features, dim=-1) @ head.t()
+    """``scale · cos(features, head rows)``: B × C logits from B × d features and a C × d unit head
+    (moved to the features' device)."""
+    return scale * F.normalize(features, dim=-1) @ head.to(features.device).t()

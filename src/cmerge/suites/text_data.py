@@ -514,8 +514,7 @@ def load_task(
     recipe = _recipe(name)
     roots = roots or SourceRoots()
     sizes = sizes or recipe.sizes
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"{name}-v{DATA_RECIPE_VERSION}.{recipe.version}-{recipe.fingerprint(roots, sizes)}.json"
+    path = task_cache_path(name, cache_dir=cache_dir, roots=roots, sizes=sizes)
     if path.exists():
         try:
             return _read_task(path)
@@ -524,6 +523,18 @@ def load_task(
     task = build_task(recipe, roots, sizes)
     _write_task(path, task)
     return task
+
+
+def task_cache_path(
+    name: str, *, cache_dir: Path | None = None, roots: SourceRoots | None = None, sizes: SplitSizes | None = None,
+) -> Path:
+    """Where :func:`load_task` caches ``name`` (same defaults). A copy of this file is all a machine
+    without the Debian packages needs to load the task."""
+    recipe = _recipe(name)
+    roots = roots or SourceRoots()
+    sizes = sizes or recipe.sizes
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return directory / f"{name}-v{DATA_RECIPE_VERSION}.{recipe.version}-{recipe.fingerprint(roots, sizes)}.json"
 
 
 def _read_task(path: Path) -> TextTask:
