@@ -31,7 +31,8 @@ The data-free methods (``--step-methods``, default OPCM, DOP's exact solver, NUF
 isotropic merge): `cmerge add` of step 2 of each method with its defaults, on a copy of its
 state after step 1, in rounds (every method once per round) on (b) and (c2), each against
 OPCM's step of the same round (``--methods-only`` measures only these, into their own
-section of the doc).
+section of the doc; with ``--device cuda`` every such `cmerge add` computes on the GPU, into a
+section of its own).
 
 Every measured process runs with ``--threads`` OpenMP threads (default 1: on a 2-core machine
 shared with other jobs, two-thread LAPACK calls were up to 8× slower than one-thread ones

@@ -251,6 +251,7 @@ def test_train_expert_writes_a_loadable_cached_folder(loaded, tmp_path, monkeypa
         assert f.metadata() == {"adam_step": "5", "adam_beta2": "0.999"}
     info = expert_info(folder)
     assert info["recipe"] == recipe.to_dict() and info["task"] == "colors" and len(info["losses"]) == 5
+    assert info["device"] == "cpu"
     reloaded, _, _ = bb.load_backbone(folder)  # a loadable HF folder
     torch.testing.assert_close(reloaded.encoder.layer[0].attention.self.query.weight,
                                f_tensor(folder, "encoder.layer.0.attention.self.query.weight"))

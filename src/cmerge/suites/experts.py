@@ -128,8 +128,8 @@ def train_expert(
     ``backbone`` holds the pre-trained weights and is not modified: the head is computed
     from it and training runs on a copy, started from ``start`` (a state dict; default the
     backbone itself). A linearised recipe is linearised at the backbone's weights.
-    Training runs on ``device``; the cache key does not name it (a GPU gives the same expert
-    up to float32 rounding).
+    Training runs on ``device``, which ``info.json`` records; the cache key does not name it (a GPU
+    trains the same recipe, with its own generator's dropout masks).
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
     base_fp = base_fingerprint(base_folder)
@@ -151,6 +151,7 @@ def train_expert(
         "task_fingerprint": task_fingerprint(task), "base_fingerprint": base_fp, "start": start_id,
         "n_train": len(task.train), "losses": result.losses, "seconds": result.seconds,
         "seconds_per_step": result.seconds_per_step, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": torch.device(device).type,
     }
     weights = {name: t.detach().cpu() for name, t in model.state_dict().items()}
     write_expert(folder, weights, result.exp_avg_sq, base_folder, info, result.adam_metadata)
