@@ -256,14 +256,17 @@ def test_gram_tail_of_tiny_singular_values(shape, dtype):
     s = torch.logspace(0, -1, r, dtype=torch.float64)
     s[-4:] = torch.tensor([1e-5, 1e-6, 1e-7, 1e-9], dtype=torch.float64)
     delta = with_spectrum(shape, s, seed=5).to(dtype)
-    x = (torch.randn(shape, dtype=torch.float64) * 0.05 + 0.3 * delta.double()).to(dtype)
+    noise = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x = (noise * 0.05 + 0.3 * delta.double()).to(dtype)
     u, s_gram, v = svd_factors(delta, "gram")
     s_ref = torch.linalg.svdvals(delta.double())
     assert torch.allclose(s_gram, s_ref, rtol=0, atol=1e-12 * float(s_ref[0]))
     eye = torch.eye(r, dtype=torch.float64)
     assert torch.allclose(u.T @ u, eye, atol=1e-12) and torch.allclose(v.T @ v, eye, atol=1e-12)
     assert rel((u * s_gram) @ v.T, delta.double()) < 1e-13
-    tol = 1e-6 if dtype == torch.float32 else 1e-8
+    # float64: over 100 seeds of x the worst relative error was 1.6e-8 (the directions at 1e-9 of s_1 are
+    # resolved to about that); an unseeded x once drew 1.1e-8 against the earlier bound of 1e-8.
+    tol = 1e-6 if dtype == torch.float32 else 5e-8
     for variant in VARIANTS:
         expected, _ = reference_project(delta, x, 0.5, **variant)
         got, _ = opcm_project(delta, x, 0.5, **variant)
