@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from cmerge.engine import device_name, resolve_device  # noqa: E402
+from cmerge.engine import device_fields, resolve_device  # noqa: E402
 from cmerge.evaluation.results import load_results  # noqa: E402
 from cmerge.suites.backbone import load_backbone  # noqa: E402
 from cmerge.suites.bench import CONTINUAL_FT, RESULTS_FILE, load_suite, pending_orders, record  # noqa: E402
@@ -64,8 +64,7 @@ def main() -> None:
     entry = continual_finetuning_entry(backbone, tokenizer, base_folder, tasks, todo, recipe, evaluator,
                                        device=device)
     entry["split"] = split
-    if device.type != "cpu":
-        entry["device"] = device_name(device)
+    entry.update(device_fields(device))
     row = record(path, "methods", CONTINUAL_FT, entry)["methods"][CONTINUAL_FT]
     print(f"{CONTINUAL_FT}: {len(row['orders'])} orders in {path}, ACC {row['acc_mean']:.2f} ± {row['acc_std']:.2f}")
 

@@ -1061,6 +1061,7 @@ def main() -> None:
     else:
         specs = {"a": minilm(), "b": vit_b32(), "c": llama_slice(2, key="c2"), "c8": llama_slice(8, key="c8")}
     no_project = r"layers\.(?!0\.)\d+\." if args.c_project == "layer0" else None
+    methods_marks = METHODS_MARKS if args.device == "cpu" else METHODS_GPU_MARKS  # a GPU run: its own section
 
     def method_steps() -> str:
         rows = [r for r in args.step_methods.split(",") if r]
@@ -1074,7 +1075,7 @@ def main() -> None:
         text = method_steps()
         print("\n" + text)
         if doc is not None:
-            write_doc(text, doc, *(METHODS_MARKS if args.device == "cpu" else METHODS_GPU_MARKS))
+            write_doc(text, doc, *methods_marks)
             print(f"\nwrote {doc}")
         if not args.keep:
             shutil.rmtree(bench.work, ignore_errors=True)
@@ -1136,7 +1137,7 @@ def main() -> None:
     if doc is not None:
         write_doc(text, doc)
         write_doc(startup_text, doc, STARTUP_BEGIN, STARTUP_END)
-        write_doc(methods_text, doc, *(METHODS_MARKS if args.device == "cpu" else METHODS_GPU_MARKS))
+        write_doc(methods_text, doc, *methods_marks)
         print(f"\nwrote {doc}")
     if not args.keep:
         shutil.rmtree(bench.work, ignore_errors=True)

@@ -132,6 +132,17 @@ def resolve_device(device: str) -> torch.device:
         raise CmergeError(f"unknown device {device!r}; use cpu, cuda or auto.") from None
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device ``model``'s parameters are on (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def device_fields(device: torch.device) -> dict[str, str]:
+    """What a result computed on ``device`` records: nothing on the CPU, ``{"device": device_name(device)}``
+    elsewhere."""
+    return {} if device.type == "cpu" else {"device": device_name(device)}
+
+
 def device_name(device: torch.device) -> str:
     """``cuda (NVIDIA H100 80GB HBM3)`` for a GPU, the device's type otherwise: what a result computed there records."""
     if device.type == "cuda":

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from cmerge.engine import model_device
 from cmerge.errors import CmergeError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -64,11 +65,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     """Average of ``hidden`` (B × L × d) over the positions where ``attention_mask`` is 1."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device ``model``'s parameters are on (the CPU for a model without any)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def embed(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from cmerge.engine import device_name, resolve_device
+from cmerge.engine import device_fields, resolve_device
 from cmerge.errors import CmergeError
 from cmerge.evaluation.orders import shuffled_orders
 from cmerge.evaluation.report import write_report
@@ -324,7 +324,7 @@ def run_text_bench(
     results_path = out_dir / RESULTS_FILE
 
     torch_device = resolve_device(device)
-    where = {} if torch_device.type == "cpu" else {"device": device_name(torch_device)}
+    where = device_fields(torch_device)
     backbone, tokenizer, base_folder = load_backbone(backbone_folder)
     expert_sets = {"standard": build_experts(backbone, tokenizer, base_folder, tasks.values(), recipe,
                                              cache_dir=cache_dir, progress=progress, device=torch_device)}

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cmerge.suites.backbone import embed, mean_pool, model_device, tokenize
+from cmerge.engine import model_device
+from cmerge.suites.backbone import embed, mean_pool, tokenize
 from cmerge.suites.heads import LOGIT_SCALE, cosine_logits
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -181,14 +182,14 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
+    device = model_device(model)
     texts = [t for t, _ in train]
-    labels = torch.tensor([y for _, y in train])
+    labels = torch.tensor([y for _, y in train], device=device)
     generator = torch.Generator().manual_seed(recipe.seed)
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(total=recipe.steps, desc=progress if isinstance(progress, str) else "fine-tune",
                disable=not progress, leave=False)
-    device = model_device(model)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(recipe.seed)
@@ -196,7 +197,7 @@ def finetune(
         for idx in batch_indices(len(texts), recipe.batch_size, generator):
             batch = tokenize(tokenizer, [texts[i] for i in idx.tolist()], recipe.max_len)
             logits = cosine_logits(forward(batch["input_ids"], batch["attention_mask"]), head, recipe.logit_scale)
-            loss = F.cross_entropy(logits, labels[idx].to(device))
+            loss = F.cross_entropy(logits, labels[idx.to(device)])
             losses.append(optimizer_step(loss, optimizer, scheduler, params, recipe.grad_clip))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from cmerge.engine import model_device
 from cmerge.errors import CmergeError
 from cmerge.evaluation.protocol import TaskResult
 from cmerge.suites.backbone import embed, load_weights
@@ -40,8 +41,10 @@ class Batch:
     labels: torch.Tensor
 
 
-def pretokenize(tokenizer, examples: Sequence[tuple[str, int]], max_len: int, batch_size: int) -> list[Batch]:
-    """``examples`` as padded batches of similar lengths (each padded only to its own longest text)."""
+def pretokenize(tokenizer, examples: Sequence[tuple[str, int]], max_len: int, batch_size: int,
+                device: torch.device | str = "cpu") -> list[Batch]:
+    """``examples`` as padded batches of similar lengths (each padded only to its own longest text), on
+    ``device``."""
     ids = tokenizer([t for t, _ in examples], truncation=True, max_length=max_len)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -54,7 +57,8 @@ def pretokenize(tokenizer, examples: Sequence[tuple[str, int]], max_len: int, ba
         for row, i in enumerate(chunk):
             input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
             mask[row, :len(ids[i])] = 1
-        batches.append(Batch(input_ids, mask, torch.tensor([examples[i][1] for i in chunk])))
+        labels = torch.tensor([examples[i][1] for i in chunk])
+        batches.append(Batch(input_ids.to(device), mask.to(device), labels.to(device)))
     return batches
 
 
@@ -91,7 +95,7 @@ class TextSuiteEvaluator:
         self.model = copy.deepcopy(backbone).to(device).eval()
         self.heads = {name: zero_shot_head(self.model, tokenizer, task.descriptions, max_len)
                       for name, task in tasks.items()}
-        self.batches = {name: pretokenize(tokenizer, task.split(split), max_len, batch_size)
+        self.batches = {name: pretokenize(tokenizer, task.split(split), max_len, batch_size, model_device(self.model))
                         for name, task in tasks.items()}
         self.task_evaluations = 0
         self.seconds = 0.0
@@ -137,9 +141,8 @@ class TextSuiteEvaluator:
         correct, loss, n = 0, 0.0, 0
         for b in self.batches[task]:
             logits = cosine_logits(embed(self.model, b.input_ids, b.attention_mask), head, self.logit_scale)
-            labels = b.labels.to(logits.device)
-            loss += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
+            loss += F.cross_entropy(logits, b.labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == b.labels).sum().item()
             n += len(b.labels)
         return TaskResult(accuracy=correct / n, loss=loss / n)
 

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from cmerge.engine import model_device
 from cmerge.errors import CmergeError
 from cmerge.evaluation.protocol import TaskResult
 from cmerge.suites.llm.tasks import Prompts
@@ -35,16 +36,12 @@ Past = list[tuple[torch.Tensor, torch.Tensor]]
 Row = tuple[Sequence[int], Sequence[Sequence[int]]]   # (input tokens, segments fed after it)
 
 
-def _device(lm: torch.nn.Module) -> torch.device:
-    return next(lm.parameters()).device
-
-
 def run_prefix(lm: torch.nn.Module, prefix: Sequence[int]) -> Past:
     """The keys and values of ``prefix`` (one row), to be shared by every example of the task."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    lm.model(input_ids=torch.tensor([list(prefix)], device=_device(lm)), cache=cache, use_cache=True)
+    lm.model(input_ids=torch.tensor([list(prefix)], device=model_device(lm)), cache=cache, use_cache=True)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -59,7 +56,7 @@ def packed_forward(lm: torch.nn.Module, past: Past, rows: Sequence[Row]) -> torc
     """
     from transformers import DynamicCache
 
-    device = _device(lm)
+    device = model_device(lm)
     p = past[0][0].shape[-2]
     width = max(len(inp) + sum(len(s) for s in segs) for inp, segs in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
