@@ -3,10 +3,13 @@
     python benchmarks/continual_ft_rows.py DIR --orders 10              # the CPU, as the folder's row ran
     python benchmarks/continual_ft_rows.py DIR --orders 10 --device cuda
 
-`cmerge bench text --methods none --continual-ft-orders N -o DIR` does the same, but first trains
-(or loads) the suite's experts for its reference rows, which the continual fine-tuning row does not
-use: on a machine whose expert cache is empty that is one fine-tuning run per task before the first
-order. This script reads what the folder fixes (DIR/results.json: its tasks, seeded orders, recipe
+`cmerge bench text --methods none --continual-ft-orders N -o DIR` computes the row over the first N
+orders and replaces a shorter one: orders in this machine's continual fine-tuning cache load from it,
+the others (all of them on a fresh machine) are fine-tuned again. This script fine-tunes only the
+orders the folder's row lacks. Neither trains the suite's experts when the folder holds its
+reference rows.
+
+The script reads what the folder fixes (DIR/results.json: its tasks, seeded orders, recipe
 and split), fine-tunes the orders the row lacks with the bench's own function
 (``continual_ft.continual_finetuning_entry``: cached per order, so two processes started together
 split the orders between them, and an interrupted order resumes at its next task) and extends the

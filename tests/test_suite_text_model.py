@@ -868,10 +868,17 @@ def test_more_continual_finetuning_orders_extend_the_row(base_folder, tmp_path, 
                   cache_dir=tmp_path / "cache", progress=False)
     one = bench.run_text_bench(tmp_path / "out", TASKS, continual_ft_orders=1, **kwargs)
     assert len(one["methods"]["continual fine-tuning"]["orders"]) == 1
+    # the folder holds its reference rows: adding continual fine-tuning trains and loads no expert
+    monkeypatch.setattr(bench, "build_experts", lambda *a, **k: pytest.fail("the experts were built"))
     both = bench.run_text_bench(tmp_path / "out", TASKS, continual_ft_orders=2, **kwargs)
     row = both["methods"]["continual fine-tuning"]
     assert len(row["orders"]) == 2 and row["matrices"][0] == one["methods"]["continual fine-tuning"]["matrices"][0]
     assert row["split"] == "test"
+    # a fresh folder needs the experts for its reference rows; their names are the ones recorded
+    monkeypatch.undo()
+    fresh = bench.run_text_bench(tmp_path / "fresh", TASKS, continual_ft_orders=1, **kwargs)
+    assert fresh["suite"]["experts"] == one["suite"]["experts"]
+    assert all((tmp_path / "cache" / "text-experts" / name).is_dir() for name in fresh["suite"]["experts"].values())
 
 
 def test_scoring_only_what_acc_and_bwt_need_gives_the_same_acc_and_bwt(base_folder, tmp_path):

@@ -17,6 +17,7 @@ switch) goes through in blocks of rows: every source, accumulator reader and sin
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -135,6 +136,17 @@ def resolve_device(device: str) -> torch.device:
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device ``model``'s parameters are on (the CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def seeded_on(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the CPU's generator and, on a GPU, ``device``'s own; restore both on exit.
+
+    ``fork_rng(devices=[])`` would restore only the CPU's, and leave the GPU's generator seeded."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def device_fields(device: torch.device) -> dict[str, str]:

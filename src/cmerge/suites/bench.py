@@ -1,7 +1,8 @@
 """The text-suite benchmark: experts → continual merging over shuffled orders → results and report.
 
-One run: load the suite's tasks (8 or 14), fine-tune or reuse the cached experts, score
-the reference rows (pre-trained zero-shot, each expert on its own task), run every
+One run: load the suite's tasks (8 or 14), fine-tune or reuse the cached experts (only when
+the reference rows, a sweep or a merging row needs them: a run that only adds continual
+fine-tuning to a folder holding its reference rows trains none), score the reference rows (pre-trained zero-shot, each expert on its own task), run every
 requested method over the same shuffled task orders with :mod:`cmerge.evaluation.runner`,
 optionally add the continual fine-tuning baseline, and write ``results.json`` plus the
 evaluation package's report (tables, CSVs, figures).
@@ -69,7 +70,7 @@ from cmerge.suites.align import MODES as ALIGN_MODES, FinalNormAligner
 from cmerge.suites.claims import claim_each
 from cmerge.suites.backbone import base_fingerprint, load_backbone
 from cmerge.suites.continual_ft import METHOD_NAME as CONTINUAL_FT, continual_finetuning_entry
-from cmerge.suites.experts import build_experts, task_fingerprint
+from cmerge.suites.experts import build_experts, expert_folders, task_fingerprint
 from cmerge.suites.finetune import FinetuneRecipe
 from cmerge.suites.sources import packages
 from cmerge.suites.text import TextSuiteEvaluator
@@ -326,13 +327,15 @@ def run_text_bench(
     torch_device = resolve_device(device)
     where = device_fields(torch_device)
     backbone, tokenizer, base_folder = load_backbone(backbone_folder)
-    expert_sets = {"standard": build_experts(backbone, tokenizer, base_folder, tasks.values(), recipe,
-                                             cache_dir=cache_dir, progress=progress, device=torch_device)}
-    if any(spec.experts == "linear" for spec in specs):
-        expert_sets["linear"] = build_experts(backbone, tokenizer, base_folder, tasks.values(),
-                                              replace(recipe, linearized=True), cache_dir=cache_dir, progress=progress,
-                                              device=torch_device)
-    experts = expert_sets["standard"]
+    recipes = {"standard": recipe, "linear": replace(recipe, linearized=True)}
+    expert_sets: dict[str, dict[str, Path]] = {}
+
+    def experts_of(kind: str) -> dict[str, Path]:  # trained or loaded on first use: a run that only
+        if kind not in expert_sets:                # adds continual fine-tuning to a folder needs none
+            expert_sets[kind] = build_experts(backbone, tokenizer, base_folder, tasks.values(), recipes[kind],
+                                              cache_dir=cache_dir, progress=progress, device=torch_device)
+        return expert_sets[kind]
+
     evaluators: dict[str, TextSuiteEvaluator] = {}
 
     def evaluator(split: str) -> TextSuiteEvaluator:  # built on first use: tokenising a split takes a while
@@ -344,19 +347,20 @@ def run_text_bench(
 
     orders = shuffled_orders(task_names, n_orders, seed)
     suite = {"name": "text", "data_recipe_version": DATA_RECIPE_VERSION, "backbone": base_fingerprint(base_folder),
-             "recipe": recipe.to_dict(), "experts": {name: path.name for name, path in experts.items()},
+             "recipe": recipe.to_dict(), "experts": {name: path.name for name, path in
+                         expert_folders(base_folder, tasks.values(), recipe, cache_dir=cache_dir).items()},
              "splits": {name: {split: len(task.split(split)) for split in SPLITS} for name, task in tasks.items()},
              "rows_scored": rows}
 
     with results_lock(results_path):  # one process scores the references
         results = resumable(results_path, task_names, orders, suite)
         if results is None:
-            reference = reference_scores(base_folder, experts, tasks, evaluator(ROW_SPLIT), cache_dir)
+            reference = reference_scores(base_folder, experts_of("standard"), tasks, evaluator(ROW_SPLIT), cache_dir)
             results = new_results(task_names, reference, seed=seed, suite=suite, orders=orders,
                                   reference_split=ROW_SPLIT)
             save_results(results, results_path)
-    if "linear" in expert_sets and "finetuned_linear" not in results["reference"]:
-        linear = reference_scores(base_folder, expert_sets["linear"], tasks, evaluator(ROW_SPLIT), cache_dir,
+    if any(spec.experts == "linear" for spec in specs) and "finetuned_linear" not in results["reference"]:
+        linear = reference_scores(base_folder, experts_of("linear"), tasks, evaluator(ROW_SPLIT), cache_dir,
                                   pretrained=False)["finetuned"]
         results = _update(results_path, lambda r: r["reference"].setdefault("finetuned_linear", linear))
 
@@ -371,7 +375,7 @@ def run_text_bench(
                 log.info("sweep %s: done already (an earlier or concurrent run)", name)
                 continue
             sweep = by_name[name]
-            entry = run_sweep(sweep.method, sweep.param, list(sweep.values), base_folder, experts,
+            entry = run_sweep(sweep.method, sweep.param, list(sweep.values), base_folder, experts_of("standard"),
                               evaluator(SWEEP_SPLIT), dict(sweep.fixed), orders=orders[:sweep_orders],
                               progress=progress, rows=SWEEP_ROWS)
             entry["split"] = SWEEP_SPLIT
@@ -392,7 +396,7 @@ def run_text_bench(
             if spec.align != "off":
                 post_step = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align, samples=align_samples,
                                              max_len=recipe.max_len)
-            entry = run_method(spec.method, params, base_folder, expert_sets[spec.experts], evaluator(ROW_SPLIT),
+            entry = run_method(spec.method, params, base_folder, experts_of(spec.experts), evaluator(ROW_SPLIT),
                                todo, progress=progress, desc=label, post_step=post_step, rows=rows)
             entry["experts"] = spec.experts
             entry["split"] = ROW_SPLIT

@@ -159,6 +159,15 @@ def train_expert(
     return folder
 
 
+def expert_folders(
+    base_folder: Path, tasks: Iterable[TextTask], recipe: FinetuneRecipe, *, cache_dir: Path | None = None,
+) -> dict[str, Path]:
+    """Task name → the folder that holds (or will hold) its expert under ``recipe``; trains nothing."""
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    base_fp = base_fingerprint(base_folder)
+    return {task.name: expert_dir(cache, task.name, expert_key(recipe, task, base_fp)) for task in tasks}
+
+
 def build_experts(
     backbone: torch.nn.Module, tokenizer, base_folder: Path, tasks: Iterable[TextTask], recipe: FinetuneRecipe,
     *, cache_dir: Path | None = None, progress: bool = True, device: str | torch.device = "cpu",
@@ -170,8 +179,7 @@ def build_experts(
     """
     tasks = list(tasks)
     cache = Path(cache_dir) if cache_dir is not None else cache_root()
-    base_fp = base_fingerprint(base_folder)
-    folders = {task.name: expert_dir(cache, task.name, expert_key(recipe, task, base_fp)) for task in tasks}
+    folders = expert_folders(base_folder, tasks, recipe, cache_dir=cache)
     missing = [task for task in tasks if not is_expert(folders[task.name])]
     if missing:
         folders[missing[0].name].parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cmerge.engine import model_device
+from cmerge.engine import model_device, seeded_on
 from cmerge.suites.backbone import embed, mean_pool, tokenize
 from cmerge.suites.heads import LOGIT_SCALE, cosine_logits
 
@@ -190,9 +190,7 @@ def finetune(
     start = time.perf_counter()
     bar = tqdm(total=recipe.steps, desc=progress if isinstance(progress, str) else "fine-tune",
                disable=not progress, leave=False)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(recipe.seed)
+    with seeded_on(device, recipe.seed):
         model.train(not recipe.linearized)
         for idx in batch_indices(len(texts), recipe.batch_size, generator):
             batch = tokenize(tokenizer, [texts[i] for i in idx.tolist()], recipe.max_len)

@@ -27,6 +27,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from cmerge.engine import model_device, seeded_on
 from cmerge.suites.finetune import SCHEDULES, FinetuneRecipe, batch_indices, optimizer_step
 from cmerge.suites.llm.scoring import answer_nll
 from cmerge.suites.llm.tasks import Prompts
@@ -182,8 +183,7 @@ class LoraTrainer:
         """peft's initialisation (A Kaiming-uniform, B = 0), from a seeded generator."""
         from peft.tuners.lora import LoraLayer
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_on(model_device(self.model), seed):
             for module in self.model.modules():
                 if isinstance(module, LoraLayer):
                     module.reset_lora_parameters(ADAPTER, True)
