@@ -673,6 +673,35 @@ def test_text_bench_writes_results_and_report_and_resumes(base_folder, tmp_path,
     assert (out / "results.json").read_bytes() == before
 
 
+def test_an_interrupted_row_keeps_the_orders_it_finished(base_folder, tmp_path, monkeypatch):
+    from cmerge.evaluation.results import load_results
+    from cmerge.suites import bench
+
+    out = tmp_path / "out"
+    kwargs = dict(methods="opcm", n_orders=3, recipe=replace(FAST, steps=2), backbone_folder=base_folder,
+                  cache_dir=tmp_path / "cache", progress=False, rows="diagonal+final")
+    run_method, ran = bench.run_method, []
+
+    def failing_second(*args, **kw):
+        ran.append(args[5])
+        if len(ran) == 2:
+            raise KeyboardInterrupt
+        return run_method(*args, **kw)
+
+    monkeypatch.setattr(bench, "run_method", failing_second)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_text_bench(out, TASKS, **kwargs)
+    kept = load_results(out / "results.json")["methods"]["opcm"]
+    assert kept["orders"] == ran[0] and len(ran[0]) == 1   # the first order, recorded before the second ran
+
+    monkeypatch.setattr(bench, "run_method", lambda *a, **k: ran.append(a[5]) or run_method(*a, **k))
+    done = bench.run_text_bench(out, TASKS, **kwargs)["methods"]["opcm"]
+    assert [o for r in ran[2:] for o in r] == done["orders"][1:]   # the rerun ran only the other two
+    assert done["matrices"][0] == kept["matrices"][0] and len(done["orders"]) == 3
+    fresh = bench.run_text_bench(tmp_path / "fresh", TASKS, **kwargs)["methods"]["opcm"]
+    assert fresh["matrices"] == done["matrices"] and fresh["acc"] == done["acc"]
+
+
 def test_concurrent_bench_runs_split_the_rows(base_folder, tmp_path):
     import fcntl
     import hashlib
@@ -834,8 +863,8 @@ def test_sweeps_choose_on_validation_rows_report_test_and_pair_with_opcm(base_fo
                                    sweeps=["task_arithmetic:lam=0.2/0.9"], recipe=replace(FAST, steps=3),
                                    backbone_folder=base_folder, cache_dir=tmp_path / "cache", progress=False,
                                    workers=2)
-    assert splits == [("task_arithmetic", "validation", "diagonal+final")] * 2 + [
-        ("opcm", "test", "all"), ("task_arithmetic", "test", "all")]
+    assert splits == [("task_arithmetic", "validation", "diagonal+final")] * 2 + [  # rows: order by order
+        ("opcm", "test", "all")] * 2 + [("task_arithmetic", "test", "all")] * 2
     paired = load_results(out / "results.json")["paired"]
     assert paired["reference"] == "opcm" and list(paired["rows"]) == ["task_arithmetic"]
     ta, opcm = results["methods"]["task_arithmetic"], results["methods"]["opcm"]

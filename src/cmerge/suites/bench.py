@@ -7,9 +7,9 @@ requested method over the same shuffled task orders with :mod:`cmerge.evaluation
 optionally add the continual fine-tuning baseline, and write ``results.json`` plus the
 evaluation package's report (tables, CSVs, figures).
 
-``results.json`` is rewritten after every method, and a run pointed at a folder that
-already holds results over the same tasks, orders and recipe keeps the finished methods,
-so an interrupted run continues where it stopped. A run over more orders than the
+``results.json`` is rewritten after every order of every row, and a run pointed at a folder
+that already holds results over the same tasks, orders and recipe keeps every order each row
+finished, so an interrupted run continues where it stopped (at the order it was running). A run over more orders than the
 folder's extends it: each row runs only the orders it lacks. A folder holding another
 benchmark's results is refused, never overwritten.
 
@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from cmerge.engine import device_fields, resolve_device
 from cmerge.errors import CmergeError
@@ -396,16 +397,19 @@ def run_text_bench(
             if spec.align != "off":
                 post_step = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align, samples=align_samples,
                                              max_len=recipe.max_len)
-            entry = run_method(spec.method, params, base_folder, experts_of(spec.experts), evaluator(ROW_SPLIT),
-                               todo, progress=progress, desc=label, post_step=post_step, rows=rows)
-            entry["experts"] = spec.experts
-            entry["split"] = ROW_SPLIT
-            entry.update(where)
-            if post_step is not None:
-                entry["alignment"] = post_step.params
-            if chosen:
-                entry["chosen"] = chosen
-            results = record(results_path, "methods", label, entry)
+            bar = tqdm(total=sum(len(o) for o in todo), desc=label, unit="step", disable=not progress, leave=False)
+            with bar:
+                for order in todo:  # recorded order by order: an interrupted row keeps the orders it finished
+                    entry = run_method(spec.method, params, base_folder, experts_of(spec.experts),
+                                       evaluator(ROW_SPLIT), [order], progress=bar, post_step=post_step, rows=rows)
+                    entry["experts"] = spec.experts
+                    entry["split"] = ROW_SPLIT
+                    entry.update(where)
+                    if post_step is not None:
+                        entry["alignment"] = post_step.params
+                    if chosen:
+                        entry["chosen"] = chosen
+                    results = record(results_path, "methods", label, entry)
 
     if continual_ft_orders:
         existing = load_results(results_path)["methods"].get(CONTINUAL_FT)

@@ -242,14 +242,15 @@ def run_llm_bench(
             log.info("%s: done already (an earlier or concurrent run)", label)
             continue
         row = by_label[label]
-        if row.kind in KINDS:
-            entry = sequential_entry(row.kind, todo, data["train"], data["test"], store, evaluator, to_weights,
-                                     progress=progress)
-        else:
-            entry = _merge_row(row, results, base, experts, dw_experts, evaluator, to_weights, todo,
-                               rows_scored, progress)
-        entry["split"] = ROW_SPLIT
-        results = record(results_path, "methods", label, entry)
+        for order in todo:  # recorded order by order: an interrupted row keeps the orders it finished
+            if row.kind in KINDS:
+                entry = sequential_entry(row.kind, [order], data["train"], data["test"], store, evaluator,
+                                         to_weights, progress=progress)
+            else:
+                entry = _merge_row(row, results, base, experts, dw_experts, evaluator, to_weights, [order],
+                                   rows_scored, progress)
+            entry["split"] = ROW_SPLIT
+            results = record(results_path, "methods", label, entry)
         entry = results["methods"][label]
         log.info("row %s: ACC %.1f ± %.1f, BWT %.1f ± %.1f over %d orders", label, entry["acc_mean"],
                  entry["acc_std"], entry["bwt_mean"], entry["bwt_std"], len(entry["orders"]))
