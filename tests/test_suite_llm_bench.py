@@ -94,6 +94,24 @@ def test_bench_end_to_end_on_a_tiny_llama(tmp_path, monkeypatch):
     assert again["methods"].keys() == results["methods"].keys()
     assert again["reference"] == saved["reference"]
 
+    # a row stopped at its second order keeps the first; the rerun finishes it as the whole run did
+    calls, real = [], llm_bench.run_method
+
+    def stop_at_second(*args, **kw):
+        calls.append(args[5])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(llm_bench, "run_method", stop_at_second)
+    cut = {**kwargs, "methods": "opcm", "sweeps": []}
+    with pytest.raises(KeyboardInterrupt):
+        run_llm_bench(tmp_path / "cut", **cut)
+    assert load_results(tmp_path / "cut" / "results.json")["methods"]["opcm"]["orders"] == calls[0]
+    monkeypatch.setattr(llm_bench, "run_method", real)
+    finished = run_llm_bench(tmp_path / "cut", **cut)["methods"]["opcm"]
+    assert finished["matrices"] == results["methods"]["opcm"]["matrices"]
+
 
 def test_leaderboard_sits_beside_the_published_llama_numbers():
     results = {"suite": {"setting": "standard"}, "reference": {"multitask": {"a": 50.0}},
