@@ -2,16 +2,17 @@
 
 One run: load the suite's tasks (8 or 14), fine-tune or reuse the cached experts (only when
 the reference rows, a sweep or a merging row needs them: a run that only adds continual
-fine-tuning to a folder holding its reference rows trains none), score the reference rows (pre-trained zero-shot, each expert on its own task), run every
-requested method over the same shuffled task orders with :mod:`cmerge.evaluation.runner`,
-optionally add the continual fine-tuning baseline, and write ``results.json`` plus the
-evaluation package's report (tables, CSVs, figures).
+fine-tuning to a folder holding its reference rows trains none), score the reference rows
+(pre-trained zero-shot, each expert on its own task), run every requested method over the
+same shuffled task orders with :mod:`cmerge.evaluation.runner`, optionally add the continual
+fine-tuning baseline, and write ``results.json`` plus the evaluation package's report
+(tables, CSVs, figures).
 
 ``results.json`` is rewritten after every order of every row, and a run pointed at a folder
 that already holds results over the same tasks, orders and recipe keeps every order each row
-finished, so an interrupted run continues where it stopped (at the order it was running). A run over more orders than the
-folder's extends it: each row runs only the orders it lacks. A folder holding another
-benchmark's results is refused, never overwritten.
+finished, so an interrupted run continues where it stopped (at the order it was running). A
+run over more orders than the folder's extends it: each row runs only the orders it lacks. A
+folder holding another benchmark's results is refused, never overwritten.
 
 Several runs may work on the same folder at once: each row and sweep is claimed with a
 lock (``.locks/``), a run skips what another holds and comes back to it at the end, and
