@@ -1,0 +1,109 @@
+"""Screens of the projected-sum flat-spectrum row (`iso --accumulate opcm`) on the validation split.
+
+    python benchmarks/iso_screens.py embeddings          # how the embedding tensors are merged
+    python benchmarks/iso_screens.py alpha-type          # α per layer type (attention, MLP), a 3 × 3 grid
+    python benchmarks/iso_screens.py alpha-depth         # α per depth (layers 0-2, 3-5), one half moved off 2.2
+
+One merge of the text suite's experts (8 tasks by default) over the first seeded order, as the bench's
+row (α = 2.2 from its validation sweep, threshold 0.5), then variants of the final model, each scored on
+every task's **validation** split: what a knob would be chosen on. Not bench rows (one order, one
+model); docs/benchmarks.md reports them among the attempts. The merge is linear in α, so one merge at
+α = 1 serves every point of an α grid. Prints one line per variant: its mean ACC over the tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from cmerge.evaluation.orders import shuffled_orders  # noqa: E402
+from cmerge.evaluation.runner import score  # noqa: E402
+from cmerge.merger import Merger  # noqa: E402
+from cmerge.suites.backbone import WEIGHTS_FILE, load_backbone  # noqa: E402
+from cmerge.suites.bench import load_suite  # noqa: E402
+from cmerge.suites.experts import expert_folders  # noqa: E402
+from cmerge.suites.finetune import FinetuneRecipe  # noqa: E402
+from cmerge.suites.text import TextSuiteEvaluator  # noqa: E402
+
+ALPHA, GRID = 2.2, (1.8, 2.2, 2.6)
+
+
+def is_flattened(name: str, t: torch.Tensor) -> bool:
+    """A linear-layer weight (the tensors whose spectrum the row flattens): 2-D, not an embedding."""
+    return name.endswith(".weight") and t.ndim == 2 and not name.startswith("embeddings.")
+
+
+def depth(name: str) -> int | None:
+    """The encoder block a tensor belongs to (None for the pooler)."""
+    return int(name.split(".")[2]) if name.startswith("encoder.layer.") else None
+
+
+def scaled(base: dict, merged_at_one: dict, alpha_of) -> dict:
+    """The final model with each linear weight's merged update at α = alpha_of(name) (the pooler,
+    which the suite's mean pooling does not use, at the row's α)."""
+    out = dict(merged_at_one)
+    for name, t in merged_at_one.items():
+        if is_flattened(name, t):
+            out[name] = base[name] + (alpha_of(name) if depth(name) is not None else ALPHA) * (t - base[name])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("screen", choices=("embeddings", "alpha-type", "alpha-depth"))
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tasks, recipe = load_suite(args.tasks), FinetuneRecipe()
+    backbone, tokenizer, base_folder = load_backbone()
+    experts = expert_folders(base_folder, tasks.values(), recipe)
+    missing = [t for t, folder in experts.items() if not (folder / WEIGHTS_FILE).is_file()]
+    if missing:
+        sys.exit(f"no cached expert for {', '.join(missing)}: run `cmerge bench text --tasks {args.tasks}` first.")
+    order = shuffled_orders(list(tasks), 10, 0)[0]
+    evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, split="validation", max_len=recipe.max_len,
+                                   logit_scale=recipe.logit_scale)
+    base = load_file(str(base_folder / WEIGHTS_FILE))
+
+    def report(label: str, model: dict) -> None:
+        accs, _ = score(evaluator, model, order)
+        print(f"{label}: ACC {sum(accs) / len(accs):.2f} (validation)", flush=True)
+
+    merger = Merger(base_folder, method="iso", accumulate="opcm", scale=1.0)
+    for task in order:
+        merger.add(experts[task], name=task)
+    at_one = merger.state_dict()
+    row = scaled(base, at_one, lambda name: ALPHA)
+    report(f"the row (α = {ALPHA} everywhere, embeddings averaged)", row)
+
+    if args.screen == "embeddings":
+        names = [n for n in base if n.startswith("embeddings.") and base[n].is_floating_point()]
+        deltas = {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
+        stacked = {n: torch.stack([deltas[t][n] - base[n] for t in order]) for n in names}
+        variants = {
+            "embeddings: θ0 + Σ τ": lambda d: d.sum(0),
+            "embeddings: θ0 + Σ τ / 2": lambda d: d.sum(0) / 2,
+            "embeddings: MagMax (largest |τ| per entry)": lambda d: d.gather(0, d.abs().argmax(0, keepdim=True))[0],
+            "embeddings: θ0": lambda d: torch.zeros_like(d[0]),
+        }
+        for label, rule in variants.items():
+            report(label, {**row, **{n: base[n] + rule(stacked[n]) for n in names}})
+    elif args.screen == "alpha-type":
+        for a, b in itertools.product(GRID, GRID):
+            report(f"attention α {a}, MLP α {b}", scaled(base, at_one, lambda n: a if ".attention." in n else b))
+    else:
+        for a, b in ((ALPHA, 1.8), (ALPHA, 2.6), (1.8, ALPHA), (2.6, ALPHA)):
+            report(f"layers 0-2 α {a}, layers 3-5 α {b}", scaled(base, at_one, lambda n: a if depth(n) < 3 else b))
+
+
+if __name__ == "__main__":
+    main()
