@@ -70,7 +70,9 @@ def bench_command() -> None:
               help="cache root of the experts and continual fine-tuning results "
                    "(default $CMERGE_CACHE or ~/.cache/cmerge).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="folder for results.json and the report (tables, CSVs, figures).")
+              help="folder for results.json and the report (tables, CSVs, figures); a folder holding an "
+                   "earlier run of the same benchmark is resumed (every row keeps the orders it finished) or "
+                   "extended to more orders.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch intra-op threads of fine-tuning and merging; on a machine shared with other jobs "
                    "more than 1 can be many times slower (docs/text_suite.md).")

@@ -51,7 +51,8 @@ DEFAULT_ROWS_SCORED = {"standard": "all", "long": "diagonal+final"}
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="cache root of the backbone and the adapters (default $CMERGE_CACHE or ~/.cache/cmerge).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="folder for results.json, the report and leaderboard.md.")
+              help="folder for results.json, the report and leaderboard.md; a folder holding an earlier run "
+                   "of the same benchmark is resumed (every row keeps the orders it finished) or extended.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads (default: one per core); 1 on a machine shared with other jobs.")
 @click.option("--quiet", "-q", is_flag=True,
