@@ -903,11 +903,13 @@ def test_more_continual_finetuning_orders_extend_the_row(base_folder, tmp_path, 
     row = both["methods"]["continual fine-tuning"]
     assert len(row["orders"]) == 2 and row["matrices"][0] == one["methods"]["continual fine-tuning"]["matrices"][0]
     assert row["split"] == "test"
-    # a fresh folder needs the experts for its reference rows; their names are the ones recorded
+    # a fresh folder needs the experts for its reference rows: the folders built are the ones recorded
     monkeypatch.undo()
+    real, built = bench.build_experts, []
+    monkeypatch.setattr(bench, "build_experts", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     fresh = bench.run_text_bench(tmp_path / "fresh", TASKS, continual_ft_orders=1, **kwargs)
+    assert len(built) == 1 and {t: p.name for t, p in built[0].items()} == fresh["suite"]["experts"]
     assert fresh["suite"]["experts"] == one["suite"]["experts"]
-    assert all((tmp_path / "cache" / "text-experts" / name).is_dir() for name in fresh["suite"]["experts"].values())
 
 
 def test_scoring_only_what_acc_and_bwt_need_gives_the_same_acc_and_bwt(base_folder, tmp_path):
