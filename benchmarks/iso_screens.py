@@ -4,8 +4,8 @@
     python benchmarks/iso_screens.py alpha-type          # α per layer type (attention, MLP), a 3 × 3 grid
     python benchmarks/iso_screens.py alpha-depth         # α per depth (layers 0-2, 3-5), one half moved off 2.2
 
-One merge of the text suite's experts (8 tasks by default) over the first seeded order, as the bench's
-row (α = 2.2 from its validation sweep, threshold 0.5), then variants of the final model, each scored on
+One merge of the 8-task suite's experts over the first seeded order, as the bench's row (α = 2.2 from
+its validation sweep on 8 tasks, threshold 0.5), then variants of the final model, each scored on
 every task's **validation** split: what a knob would be chosen on. Not bench rows (one order, one
 model); docs/benchmarks.md reports them among the attempts. The merge is linear in α, so one merge at
 α = 1 serves every point of an α grid. Prints one line per variant: its mean ACC over the tasks.
@@ -32,7 +32,7 @@ from cmerge.suites.experts import expert_folders  # noqa: E402
 from cmerge.suites.finetune import FinetuneRecipe  # noqa: E402
 from cmerge.suites.text import TextSuiteEvaluator  # noqa: E402
 
-ALPHA, GRID = 2.2, (1.8, 2.2, 2.6)
+TASKS, ALPHA, GRID = 8, 2.2, (1.8, 2.2, 2.6)   # the 8-task row's α, chosen on validation
 
 
 def is_flattened(name: str, t: torch.Tensor) -> bool:
@@ -58,17 +58,16 @@ def scaled(base: dict, merged_at_one: dict, alpha_of) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("screen", choices=("embeddings", "alpha-type", "alpha-depth"))
-    ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    tasks, recipe = load_suite(args.tasks), FinetuneRecipe()
+    tasks, recipe = load_suite(TASKS), FinetuneRecipe()
     backbone, tokenizer, base_folder = load_backbone()
     experts = expert_folders(base_folder, tasks.values(), recipe)
     missing = [t for t, folder in experts.items() if not (folder / WEIGHTS_FILE).is_file()]
     if missing:
-        sys.exit(f"no cached expert for {', '.join(missing)}: run `cmerge bench text --tasks {args.tasks}` first.")
+        sys.exit(f"no cached expert for {', '.join(missing)}: run `cmerge bench text --tasks {TASKS}` first.")
     order = shuffled_orders(list(tasks), 10, 0)[0]
     evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, split="validation", max_len=recipe.max_len,
                                    logit_scale=recipe.logit_scale)
