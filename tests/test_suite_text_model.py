@@ -702,35 +702,69 @@ def test_an_interrupted_row_keeps_the_orders_it_finished(base_folder, tmp_path, 
     assert fresh["matrices"] == done["matrices"] and fresh["acc"] == done["acc"]
 
 
-def test_concurrent_bench_runs_split_the_rows(base_folder, tmp_path):
+def test_concurrent_bench_runs_split_the_rows_and_a_rows_orders(base_folder, tmp_path):
     import fcntl
-    import hashlib
     import threading
     import time
 
     from cmerge.evaluation.results import load_results
     from cmerge.suites import bench
+    from cmerge.suites.row_orders import order_lock
 
     out = tmp_path / "out"
-    kwargs = dict(methods="average,opcm", n_orders=1, recipe=replace(FAST, steps=2), backbone_folder=base_folder,
-                  cache_dir=tmp_path / "cache", progress=False)
+    kwargs = dict(methods="average,opcm", n_orders=3, recipe=replace(FAST, steps=2), backbone_folder=base_folder,
+                  cache_dir=tmp_path / "cache", progress=False, rows="diagonal+final")
     (out / ".locks").mkdir(parents=True)
-    other = open(out / ".locks" / f"row-{hashlib.sha256(b'average').hexdigest()[:16]}.lock", "a")
-    fcntl.flock(other, fcntl.LOCK_EX)  # "another run" is working on the average row
+    other = open(order_lock(out, "opcm", 0), "a")
+    fcntl.flock(other, fcntl.LOCK_EX)  # "another run" is working on OPCM's first order
     worker = threading.Thread(target=lambda: bench.run_text_bench(out, TASKS, **kwargs))
     worker.start()
     deadline = time.time() + 120
-    while time.time() < deadline and not (
-            (out / "results.json").is_file() and "opcm" in load_results(out / "results.json")["methods"]):
+    while time.time() < deadline and len(list((out / ".orders").glob("*.json"))) < 2:
         time.sleep(0.2)
-    assert set(load_results(out / "results.json")["methods"]) == {"opcm"}  # skipped the held row, did the free one
-    assert worker.is_alive()  # and now waits for the held row
-    fcntl.flock(other, fcntl.LOCK_UN)  # the other run died without finishing: this one takes the row over
+    saved = load_results(out / "results.json")
+    # the free row done, OPCM's two later orders finished and waiting for the first: not in the row yet
+    assert set(saved["methods"]) == {"average"} and len(saved["methods"]["average"]["orders"]) == 3
+    assert len(list((out / ".orders").glob("*.json"))) == 2
+    assert worker.is_alive()  # and now it waits for the held order
+    fcntl.flock(other, fcntl.LOCK_UN)  # the other run died without finishing: this one takes the order over
     other.close()
     worker.join(timeout=120)
     final = load_results(out / "results.json")
     assert not worker.is_alive() and set(final["methods"]) == {"average", "opcm"}
+    assert final["methods"]["opcm"]["orders"] == final["orders"] and not list((out / ".orders").glob("*.json"))
     assert final["timing"]["task_evaluations"] > 0
+    serial = bench.run_text_bench(tmp_path / "serial", TASKS, **kwargs)["methods"]["opcm"]
+    assert final["methods"]["opcm"]["matrices"] == serial["matrices"]  # each order in its place
+    assert final["methods"]["opcm"]["acc"] == serial["acc"]
+
+
+def test_an_order_finished_early_waits_and_is_appended_in_sequence(tmp_path):
+    from cmerge.evaluation.results import method_entry, new_results
+    from cmerge.suites.row_orders import done_orders, record_order
+
+    orders = [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
+    results = new_results(["a", "b"], orders=orders)
+
+    def entry(k):
+        return method_entry([[[50.0 + k], [40.0 + k, 60.0 + k]]], [orders[k]], "opcm", {})
+
+    assert record_order(results, tmp_path, "opcm", 2, entry(2)) == [] and "opcm" not in results["methods"]
+    assert record_order(results, tmp_path, "opcm", 1, entry(1)) == [] and done_orders(results, tmp_path, "opcm") == {1, 2}
+    used = record_order(results, tmp_path, "opcm", 0, entry(0))  # the missing first order: 0, 1 and 2 recorded
+    row = results["methods"]["opcm"]
+    assert row["orders"] == orders[:3] and [m[1][0] for m in row["matrices"]] == [40.0, 41.0, 42.0]
+    assert row["acc"] == pytest.approx([50.0, 51.0, 52.0])
+    assert len(used) == 2 and all(p.is_file() for p in used)  # deleted by the caller once the results are saved
+    # a kill before that deletion: the next record skips the stale files and reports them again
+    again = record_order(results, tmp_path, "opcm", 3, entry(3))
+    assert results["methods"]["opcm"]["orders"] == orders and sorted(again) == sorted(used)
+    for path in again:
+        path.unlink()
+    before = json.dumps(results)
+    assert record_order(results, tmp_path, "opcm", 1, entry(1)) == [] and json.dumps(results) == before  # recorded
+    with pytest.raises(CmergeError, match="other task orders"):
+        record_order(results, tmp_path, "opcm", 3, entry(2))
 
 
 def test_bench_text_command_is_registered():

@@ -14,10 +14,12 @@ finished, so an interrupted run continues where it stopped (at the order it was 
 run over more orders than the folder's extends it: each row runs only the orders it lacks. A
 folder holding another benchmark's results is refused, never overwritten.
 
-Several runs may work on the same folder at once: each row and sweep is claimed with a
-lock (``.locks/``), a run skips what another holds and comes back to it at the end, and
-every update of ``results.json`` re-reads it under a file lock and adds only its own
-rows. Starting the same command twice therefore splits the rows between two processes.
+Several runs may work on the same folder at once: each sweep and each order of each row is
+claimed with a lock (``.locks/``), a run skips what another holds and comes back to it at
+the end, and every update of ``results.json`` re-reads it under a file lock and adds only
+its own orders. Starting the same command twice therefore splits the work between two
+processes, even a single row's orders (an order that finishes before an earlier one of its
+row waits in ``.orders/`` until it can be appended: :mod:`row_orders`).
 A run first takes the free sweeps and the rows no sweep decides, and only then waits for
 the sweeps another run holds, so neither run idles while the other finishes a sweep.
 
@@ -56,7 +58,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from cmerge.engine import device_fields, resolve_device
 from cmerge.errors import CmergeError
@@ -74,6 +75,7 @@ from cmerge.suites.backbone import base_fingerprint, load_backbone
 from cmerge.suites.continual_ft import METHOD_NAME as CONTINUAL_FT, continual_finetuning_entry
 from cmerge.suites.experts import build_experts, expert_folders, task_fingerprint
 from cmerge.suites.finetune import FinetuneRecipe
+from cmerge.suites.row_orders import claim_orders, record_order
 from cmerge.suites.sources import packages
 from cmerge.suites.text import TextSuiteEvaluator
 from cmerge.suites.text_data import (
@@ -280,6 +282,21 @@ def pending_orders(entry: dict | None, orders: Sequence[Sequence[str]]) -> list[
     return [list(o) for o in orders[len(done):]]
 
 
+def first_pending(results: dict, label: str) -> int:
+    """The index of the first order row ``label`` lacks (a CmergeError where its orders are not the folder's)."""
+    return len(results["orders"]) - len(pending_orders(results["methods"].get(label), results["orders"]))
+
+
+def record_row_order(path: Path, label: str, index: int, entry: dict) -> dict:
+    """:func:`row_orders.record_order` under the results lock; the waiting orders it recorded are deleted
+    once the document is saved. Returns the document as written."""
+    with locked_results(path) as results:
+        used = record_order(results, path.parent, label, index, entry)
+    for waiting in used:
+        waiting.unlink(missing_ok=True)
+    return results
+
+
 def load_suite(n_tasks: int) -> dict[str, TextTask]:
     """The 8- or 14-task text suite, by name, or a CmergeError naming the packages to install.
     A task already in the cache needs no package."""
@@ -368,6 +385,7 @@ def run_text_bench(
 
     by_name = {sweep.name: sweep for sweep in sweep_specs}
     by_label = {spec.label: spec for spec in specs}
+    post_steps: dict[str, FinalNormAligner] = {}
     independent = [label for label, spec in by_label.items() if not _needs_sweep(spec, sweep_specs)]
     # First what no other run holds: the free sweeps, then the rows no sweep decides; then,
     # waiting, the sweeps other runs hold, and every row left.
@@ -386,31 +404,26 @@ def run_text_bench(
             log.info("sweep %s: best %s (ACC %.1f on %s)", name, entry["best"]["value"], entry["best"]["acc_mean"],
                      SWEEP_SPLIT)
             results = record(results_path, "sweeps", name, entry)
-        for label in claim_in(out_dir, "row", independent if not wait else list(by_label), wait=wait):
+        labels = independent if not wait else list(by_label)
+        for label, index in claim_orders(out_dir, results_path, labels, first_pending, wait=wait):
             results = load_results(results_path)
-            todo = pending_orders(results["methods"].get(label), orders)
-            if not todo:
-                log.info("%s: done already (an earlier or concurrent run)", label)
-                continue
             spec = by_label[label]
             params, chosen = row_params(spec, results.get("sweeps", {}), len(task_names), results["methods"].get(label))
-            post_step = None
-            if spec.align != "off":
-                post_step = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align, samples=align_samples,
-                                             max_len=recipe.max_len)
-            bar = tqdm(total=sum(len(o) for o in todo), desc=label, unit="step", disable=not progress, leave=False)
-            with bar:
-                for order in todo:  # recorded order by order: an interrupted row keeps the orders it finished
-                    entry = run_method(spec.method, params, base_folder, experts_of(spec.experts),
-                                       evaluator(ROW_SPLIT), [order], progress=bar, post_step=post_step, rows=rows)
-                    entry["experts"] = spec.experts
-                    entry["split"] = ROW_SPLIT
-                    entry.update(where)
-                    if post_step is not None:
-                        entry["alignment"] = post_step.params
-                    if chosen:
-                        entry["chosen"] = chosen
-                    results = record(results_path, "methods", label, entry)
+            if label not in post_steps and spec.align != "off":
+                post_steps[label] = FinalNormAligner(backbone, tokenizer, tasks, mode=spec.align,
+                                                     samples=align_samples, max_len=recipe.max_len)
+            post_step = post_steps.get(label)
+            entry = run_method(spec.method, params, base_folder, experts_of(spec.experts), evaluator(ROW_SPLIT),
+                               [orders[index]], progress=progress, post_step=post_step, rows=rows,
+                               desc=f"{label} ({index + 1}/{len(orders)})")
+            entry["experts"] = spec.experts
+            entry["split"] = ROW_SPLIT
+            entry.update(where)
+            if post_step is not None:
+                entry["alignment"] = post_step.params
+            if chosen:
+                entry["chosen"] = chosen
+            results = record_row_order(results_path, label, index, entry)
 
     if continual_ft_orders:
         existing = load_results(results_path)["methods"].get(CONTINUAL_FT)

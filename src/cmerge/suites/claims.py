@@ -1,7 +1,7 @@
 """Sharing benchmark work between processes: one lock file per unit of work.
 
-Several ``cmerge bench`` runs on one folder (or one cache) split the rows, sweeps and
-continual fine-tuning orders between them through :func:`claim_each`.
+Several ``cmerge bench`` runs on one folder (or one cache) split the sweeps, each row's
+orders and the continual fine-tuning orders between them through :func:`claim_each`.
 """
 from __future__ import annotations
 

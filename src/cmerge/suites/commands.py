@@ -72,7 +72,7 @@ def bench_command() -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="folder for results.json and the report (tables, CSVs, figures); a folder holding an "
                    "earlier run of the same benchmark is resumed (every row keeps the orders it finished) or "
-                   "extended to more orders.")
+                   "extended to more orders; runs started on one folder split the rows' orders.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch intra-op threads of fine-tuning and merging; on a machine shared with other jobs "
                    "more than 1 can be many times slower (docs/text_suite.md).")

@@ -9,7 +9,8 @@ eight tasks over seeded shuffled orders, :mod:`tasks`):
 3. reference rows on the test split: the pre-trained model, each expert on its own task,
    and the multi-task LoRA (trained on all tasks of the setting; stored as the reference
    row ``multitask``);
-4. the rows, each claimed with a lock (so two processes on one folder split them):
+4. the rows, each order of each claimed with a lock (so two processes on one folder split
+   them, even one row's orders: :mod:`cmerge.suites.row_orders`):
    merging rows run by :func:`cmerge.evaluation.runner.run_method` over the same orders,
    and SeqLoRA / SLAO (:mod:`sequential`), which train in order.
 
@@ -52,9 +53,10 @@ from cmerge.evaluation.runner import ROWS, run_method, score
 from cmerge.evaluation.sweep import run_sweep
 from cmerge.methods import REGISTRY
 from cmerge.suites.backbone import base_fingerprint
-from cmerge.suites.bench import (ROW_SPLIT, SWEEP_ROWS, SWEEP_SPLIT, add_timing, claim_in, locked_results,
-                                 parse_method_specs, parse_sweep_specs, pending_orders, record, resumable,
-                                 results_lock, row_params)
+from cmerge.suites.bench import (ROW_SPLIT, SWEEP_ROWS, SWEEP_SPLIT, add_timing, claim_in, first_pending,
+                                 locked_results, parse_method_specs, parse_sweep_specs, record, record_row_order,
+                                 resumable, results_lock, row_params)
+from cmerge.suites.row_orders import claim_orders
 from cmerge.suites.llm.adapters import AdapterStore
 from cmerge.suites.llm.backbone import backbone_folder, load_backbone
 from cmerge.suites.llm.lora import LoraRecipe, LoraTrainer, adapted_weights, merged_weights
@@ -235,25 +237,21 @@ def run_llm_bench(
         results = record(results_path, "sweeps", name, entry)
 
     by_label = {r.label: r for r in rows}
-    for label in claim_in(out_dir, "row", list(by_label)):
+    for label, index in claim_orders(out_dir, results_path, list(by_label), first_pending):
         results = load_results(results_path)
-        todo = pending_orders(results["methods"].get(label), orders)
-        if not todo:
-            log.info("%s: done already (an earlier or concurrent run)", label)
-            continue
-        row = by_label[label]
-        for order in todo:  # recorded order by order: an interrupted row keeps the orders it finished
-            if row.kind in KINDS:
-                entry = sequential_entry(row.kind, [order], data["train"], data["test"], store, evaluator,
-                                         to_weights, progress=progress)
-            else:
-                entry = _merge_row(row, results, base, experts, dw_experts, evaluator, to_weights, [order],
-                                   rows_scored, progress)
-            entry["split"] = ROW_SPLIT
-            results = record(results_path, "methods", label, entry)
-        entry = results["methods"][label]
-        log.info("row %s: ACC %.1f ± %.1f, BWT %.1f ± %.1f over %d orders", label, entry["acc_mean"],
-                 entry["acc_std"], entry["bwt_mean"], entry["bwt_std"], len(entry["orders"]))
+        row, order = by_label[label], orders[index]
+        if row.kind in KINDS:
+            entry = sequential_entry(row.kind, [order], data["train"], data["test"], store, evaluator,
+                                     to_weights, progress=progress)
+        else:
+            entry = _merge_row(row, results, base, experts, dw_experts, evaluator, to_weights, [order],
+                               rows_scored, progress)
+        entry["split"] = ROW_SPLIT
+        results = record_row_order(results_path, label, index, entry)
+        entry = results["methods"].get(label)
+        if entry is not None and len(entry["orders"]) == len(orders):
+            log.info("row %s: ACC %.1f ± %.1f, BWT %.1f ± %.1f over %d orders", label, entry["acc_mean"],
+                     entry["acc_std"], entry["bwt_mean"], entry["bwt_std"], len(entry["orders"]))
     if evaluator.task_evaluations:
         with locked_results(results_path) as results:
             add_timing(results, evaluator.task_evaluations, evaluator.seconds)

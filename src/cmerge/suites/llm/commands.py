@@ -66,7 +66,7 @@ def llm_command(setting: str, n_orders: int | None, seed: int, methods: str | No
     Trains (or reuses from the cache) one rank-8 LoRA per task on q_proj and v_proj, the
     multi-task LoRA, SeqLoRA and SLAO in order, runs the merging rows over the same task
     orders, writes OUTPUT/results.json, the report and leaderboard.md (beside the published
-    Llama-2 numbers), and prints Table 1. Resumable; two processes on one folder split the rows.
+    Llama-2 numbers), and prints Table 1. Resumable; two processes on one folder split the rows' orders.
     """
     from cmerge.evaluation.report import table1_markdown
     from cmerge.suites.llm.bench import PromptConfig, run_llm_bench
