@@ -3,10 +3,16 @@
     python benchmarks/iso_screens.py embeddings          # how the embedding tensors are merged
     python benchmarks/iso_screens.py alpha-type          # α per layer type (attention, MLP), a 3 × 3 grid
     python benchmarks/iso_screens.py alpha-depth         # α per depth (layers 0-2, 3-5), one half moved off 2.2
+    python benchmarks/iso_screens.py accumulate          # what is accumulated before the flattening
 
 One merge of the 8-task suite's experts over the first seeded order, as the bench's row (α = 2.2 from
 its validation sweep on 8 tasks, threshold 0.5), then variants of the final model, each scored on
-every task's **validation** split: what a knob would be chosen on. Not bench rows (one order, one
+every task's **validation** split: what a knob would be chosen on. The ``accumulate`` screen
+replaces the row's S_t = S_{t−1} + P_{S_{t−1}}(τ_t) by variants (each at α 1.8, 2.2 and 2.6, since
+most change the scale of S): each τ_t truncated to its top singular directions, or flattened
+itself, before the projection; the projection with its cross blocks dropped (the strict reading
+of Eq. 9), or protecting as many directions of S_{t−1} as τ_t's own spectrum needs; and the
+flattened merged update of DOP's exact minimiser and of NUFILT. Not bench rows (one order, one
 model); docs/benchmarks.md reports them among the attempts. The merge is linear in α, so one merge at
 α = 1 serves every point of an α grid. Prints one line per variant: its mean ACC over the tasks.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from cmerge.evaluation.orders import shuffled_orders  # noqa: E402
 from cmerge.evaluation.runner import score  # noqa: E402
+from cmerge.linalg import numerical_rank, opcm_project, protected_rank, svd_factors  # noqa: E402
+from cmerge.methods.iso import isotropic  # noqa: E402
 from cmerge.merger import Merger  # noqa: E402
 from cmerge.suites.backbone import WEIGHTS_FILE, load_backbone  # noqa: E402
 from cmerge.suites.bench import load_suite  # noqa: E402
@@ -55,11 +64,54 @@ def scaled(base: dict, merged_at_one: dict, alpha_of) -> dict:
     return out
 
 
+def truncated(tau: torch.Tensor, fraction: float) -> torch.Tensor:
+    """τ kept on its top ⌈fraction · rank⌉ singular pairs."""
+    u, s, v = svd_factors(tau)
+    k = max(1, math.ceil(fraction * numerical_rank(s)))
+    return (u[:, :k] * s[:k]) @ v[:, :k].mT
+
+
+def project_top(delta: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    """OPCM's projection (Eq. 9, the reference's variant: the k × k block and the diagonal of UᵀXV removed,
+    the cross blocks kept) with the protected rank k given."""
+    u, s, v = svd_factors(delta)
+    r = numerical_rank(s)
+    u, v = u[:, :r], v[:, :r]
+    c = u.mT @ x @ v
+    removed = torch.zeros_like(c)
+    removed[:k, :k] = c[:k, :k]
+    idx = torch.arange(k, r)
+    removed[idx, idx] = c[idx, idx]
+    return x - u @ removed @ v.mT
+
+
+def accumulated(taus: list[torch.Tensor], *, truncate: float | None = None, flatten_each: bool = False,
+                drop_cross_blocks: bool = False, protect_by_task: bool = False) -> torch.Tensor:
+    """S_T of the projected sum over ``taus`` (float64), with the screened variant."""
+    acc = None
+    for tau in taus:
+        if truncate is not None:
+            tau = truncated(tau, truncate)
+        if flatten_each:
+            tau = isotropic(tau, 1.0)
+        if acc is None:
+            acc = tau
+        elif protect_by_task:
+            acc = acc + project_top(acc, tau, protected_rank(torch.linalg.svdvals(tau), 0.5))
+        else:
+            acc = acc + opcm_project(acc, tau, 0.5, drop_cross_blocks=drop_cross_blocks)[0]
+    return acc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("screen", choices=("embeddings", "alpha-type", "alpha-depth"))
+    ap.add_argument("screen", choices=("embeddings", "alpha-type", "alpha-depth", "accumulate"))
+    ap.add_argument("--grid", default=",".join(map(str, GRID)),
+                    help="accumulate: the α values, comma-separated (default: the row's sweep grid)")
+    ap.add_argument("--variants", default="", help="accumulate: the variants to run, comma-separated (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    grid = [float(a) for a in args.grid.split(",")]
     torch.set_num_threads(args.threads)
 
     tasks, recipe = load_suite(TASKS), FinetuneRecipe()
@@ -99,6 +151,42 @@ def main() -> None:
     elif args.screen == "alpha-type":
         for a, b in itertools.product(GRID, GRID):
             report(f"attention α {a}, MLP α {b}", scaled(base, at_one, lambda n: a if ".attention." in n else b))
+    elif args.screen == "accumulate":
+        experts_sd = {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
+        names = [n for n, t in base.items() if is_flattened(n, t)]
+        variants = {
+            "row": ("the row's rule, recomputed here in float64 (a check of this loop)", {}),
+            "half": ("τ_t truncated to its top half of directions", dict(truncate=0.5)),
+            "quarter": ("τ_t truncated to its top quarter of directions", dict(truncate=0.25)),
+            "tenth": ("τ_t truncated to its top tenth of directions", dict(truncate=0.1)),
+            "flatten-each": ("τ_t flattened before the projection", dict(flatten_each=True)),
+            "strict": ("projection without the cross blocks (strict Eq. 9)", dict(drop_cross_blocks=True)),
+            "by-task": ("protected directions of S_{t-1}: as many as τ_t needs for half its mass",
+                        dict(protect_by_task=True)),
+        }
+        others = {"dop": dict(solver="exact"), "nufilt": {}}
+        chosen = args.variants.split(",") if args.variants else [*variants, *others]
+        unknown = set(chosen) - set(variants) - set(others)
+        if unknown:
+            sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join([*variants, *others])}")
+        for key in (k for k in chosen if k in variants):
+            label, options = variants[key]
+            at_one_v = dict(at_one)
+            for n in names:
+                taus = [experts_sd[t][n].double() - base[n].double() for t in order]
+                at_one_v[n] = base[n] + isotropic(accumulated(taus, **options), 1.0).to(base[n].dtype)
+            for a in grid:
+                report(f"{label}, α {a}", scaled(base, at_one_v, lambda n, a=a: a))
+        for method in (k for k in chosen if k in others):
+            other = Merger(base_folder, method=method, **others[method])
+            for task in order:
+                other.add(experts[task], name=task)
+            merged = other.state_dict()
+            flat = {**merged, **{n: base[n] + isotropic(merged[n].double() - base[n].double(), 1.0).to(base[n].dtype)
+                                 for n in names}}
+            for a in grid:
+                report(f"{method} {others[method] or ''}: its merged update flattened, α {a}",
+                       scaled(base, flat, lambda n, a=a: a))
     else:
         for a, b in ((ALPHA, 1.8), (ALPHA, 2.6), (1.8, ALPHA), (2.6, ALPHA)):
             report(f"layers 0-2 α {a}, layers 3-5 α {b}", scaled(base, at_one, lambda n: a if depth(n) < 3 else b))
