@@ -1,7 +1,7 @@
 """A bench row's orders shared between runs: each order claimed on its own, recorded in sequence.
 
 A row of a bench folder (``results["methods"][label]``) holds its orders as a prefix of the
-folder's orders, and a row grows one order at a time (``bench.record``). Runs on one folder
+folder's orders, and a row grows one order at a time (:func:`record_order`). Runs on one folder
 claim each (row, order) pair with a lock (``.locks/``, :func:`claims.claim_each`), so two
 runs of the same command split even a single row's orders between them.
 
