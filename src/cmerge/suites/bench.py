@@ -51,7 +51,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,6 +67,7 @@ from cmerge.evaluation.results import (
 )
 from cmerge.evaluation.runner import materialize, run_method, score
 from cmerge.evaluation.sweep import check_param, run_sweep
+from cmerge.fsutil import atomic_write_json
 from cmerge.methods import REGISTRY, get_method_class
 from cmerge.suites.align import MODES as ALIGN_MODES, FinalNormAligner
 from cmerge.suites.claims import claim_each
@@ -491,9 +491,7 @@ def _read_score(path: Path) -> float | None:
 
 def _write_score(path: Path, accuracy_percent: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"accuracy_percent": accuracy_percent}) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, {"accuracy_percent": accuracy_percent})
 
 
 def record(path: Path, kind: str, name: str, entry: dict, *, replace_fewer_orders: bool = False) -> dict:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from cmerge.errors import CmergeError
 from cmerge.evaluation.results import add_method, extend_entry, load_results, to_jsonable
+from cmerge.fsutil import atomic_write_json
 from cmerge.suites.claims import claim_each
 
 __all__ = ["claim_orders", "done_orders", "order_lock", "record_order"]
@@ -106,6 +106,4 @@ def record_order(results: dict, out_dir: Path, label: str, index: int, entry: di
 
 def _write_waiting(path: Path, entry: dict) -> None:
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(to_jsonable(entry)))
-    os.replace(tmp, path)
+    atomic_write_json(path, to_jsonable(entry))
