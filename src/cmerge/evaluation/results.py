@@ -31,6 +31,7 @@ import numpy as np
 
 from cmerge.errors import CmergeError
 from cmerge.evaluation.metrics import STD_DDOF, check_matrix, paired_difference, summarize
+from cmerge.fsutil import atomic_write
 
 DEFAULT_PAIRED_REFERENCE = "opcm"
 PAIRED_CONFIDENCE = 0.95
@@ -268,12 +269,10 @@ def dumps(obj: Any, indent: int = 0) -> str:
 
 
 def save_results(results: dict, path: str | Path) -> Path:
-    """Write the document as JSON (NaN as null), one matrix row per line; atomically (temp file, rename)."""
+    """Write the document as JSON (NaN as null), one matrix row per line; atomically (``fsutil.atomic_write``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(dumps(to_jsonable(results)) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, dumps(to_jsonable(results)) + "\n")
     return path
 
 

@@ -18,7 +18,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from cmerge.evaluation.results import method_entry
 from cmerge.evaluation.runner import score
+from cmerge.fsutil import atomic_write
 from cmerge.suites.backbone import base_fingerprint, load_weights
 from cmerge.suites.claims import claim_each
 from cmerge.suites.experts import TRAINER_VERSION, task_fingerprint
@@ -96,9 +96,7 @@ def _write_checkpoint(folder: Path, order: Sequence[str], record: dict[str, list
     t = len(record["matrix"])
     weights = f"step-{t:03d}.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / weights))
-    tmp = folder / f".{RECORD_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"order": list(order), "weights": weights, **record}) + "\n")
-    os.replace(tmp, folder / RECORD_FILE)
+    atomic_write(folder / RECORD_FILE, json.dumps({"order": list(order), "weights": weights, **record}) + "\n")
     for old in folder.glob("step-*.safetensors"):
         if old.name != weights:
             old.unlink(missing_ok=True)
@@ -131,9 +129,7 @@ def continual_finetuning_entry(
             partial = path.with_suffix(".partial")
             record = continual_finetuning(backbone, tokenizer, tasks, order, recipe, evaluator, progress=progress,
                                           checkpoint=partial, device=device)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"order": list(order), **record}) + "\n")
-            tmp.replace(path)
+            atomic_write(path, json.dumps({"order": list(order), **record}) + "\n")
             shutil.rmtree(partial, ignore_errors=True)
     records = [json.loads(path.read_text()) for path in paths]
     params = {"lr": recipe.lr, "steps": recipe.steps, **({"linearized": True} if recipe.linearized else {})}

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from cmerge.errors import CmergeError
+from cmerge.fsutil import atomic_write
 from cmerge.suites.sources import ClassSpec, Pools, emoji, fortunes, packages, rpackages, wordnet
 
 __all__ = [
@@ -549,6 +550,4 @@ def _read_task(path: Path) -> TextTask:
 
 def _write_task(path: Path, task: TextTask) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(task), ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(asdict(task), ensure_ascii=False))

@@ -29,6 +29,7 @@ import torch
 
 from cmerge.evaluation.results import method_entry
 from cmerge.evaluation.runner import score
+from cmerge.fsutil import atomic_write
 from cmerge.suites.claims import claim_each
 from cmerge.suites.llm.adapters import TRAINER_VERSION, AdapterStore
 from cmerge.suites.llm.tasks import Prompts
@@ -133,9 +134,7 @@ def sequential_entry(kind: str, orders: Sequence[Sequence[str]], train: Mapping[
     for order, path in claim_each(pending, lambda item: item[1].with_suffix(".lock")):
         if not path.is_file():
             record = run_order(kind, order, train, store, evaluate, progress=progress)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"order": list(order), **record}) + "\n")
-            tmp.replace(path)
+            atomic_write(path, json.dumps({"order": list(order), **record}) + "\n")
     records = [json.loads(Path(p).read_text()) for p in paths]
     recipe = store.trainer.recipe
     return method_entry([r["matrix"] for r in records], orders, method=None,
