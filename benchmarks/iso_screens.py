@@ -4,8 +4,9 @@
     python benchmarks/iso_screens.py alpha-type          # α per layer type (attention, MLP), a 3 × 3 grid
     python benchmarks/iso_screens.py alpha-depth         # α per depth (layers 0-2, 3-5), one half moved off 2.2
     python benchmarks/iso_screens.py accumulate          # what is accumulated before the flattening
+    python benchmarks/iso_screens.py accumulate --orders 3 --variants tenth --grid 2.2,2.6,3.0,3.4
 
-One merge of the 8-task suite's experts over the first seeded order, as the bench's row (α = 2.2 from
+One merge of the 8-task suite's experts over the first seeded order (the first N with ``--orders N``), as the bench's row (α = 2.2 from
 its validation sweep on 8 tasks, threshold 0.5), then variants of the final model, each scored on
 every task's **validation** split: what a knob would be chosen on. The ``accumulate`` screen
 replaces the row's S_t = S_{t−1} + P_{S_{t−1}}(τ_t) by variants (each at α 1.8, 2.2 and 2.6, since
@@ -14,13 +15,14 @@ itself, before the projection; the projection with its cross blocks dropped (the
 of Eq. 9), or protecting as many directions of S_{t−1} as τ_t's own spectrum needs; and the
 flattened merged update of DOP's exact minimiser and of NUFILT. Not bench rows (one order, one
 model); docs/benchmarks.md reports them among the attempts. The merge is linear in α, so one merge at
-α = 1 serves every point of an α grid. Prints one line per variant: its mean ACC over the tasks.
+α = 1 serves every point of an α grid. Prints one line per variant and order: its mean ACC over the
+tasks; with several orders, then each variant's mean over the orders and its paired difference to
+the row's (mean and range over the orders).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 from pathlib import Path
 
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from cmerge.evaluation.orders import shuffled_orders  # noqa: E402
 from cmerge.evaluation.runner import score  # noqa: E402
 from cmerge.linalg import numerical_rank, opcm_project, protected_rank, svd_factors  # noqa: E402
-from cmerge.methods.iso import isotropic  # noqa: E402
+from cmerge.methods.iso import isotropic, truncated  # noqa: E402
 from cmerge.merger import Merger  # noqa: E402
 from cmerge.suites.backbone import WEIGHTS_FILE, load_backbone  # noqa: E402
 from cmerge.suites.bench import load_suite  # noqa: E402
@@ -62,13 +64,6 @@ def scaled(base: dict, merged_at_one: dict, alpha_of) -> dict:
         if is_flattened(name, t):
             out[name] = base[name] + (alpha_of(name) if depth(name) is not None else ALPHA) * (t - base[name])
     return out
-
-
-def truncated(tau: torch.Tensor, fraction: float) -> torch.Tensor:
-    """τ kept on its top ⌈fraction · rank⌉ singular pairs."""
-    u, s, v = svd_factors(tau)
-    k = max(1, math.ceil(fraction * numerical_rank(s)))
-    return (u[:, :k] * s[:k]) @ v[:, :k].mT
 
 
 def project_top(delta: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -103,15 +98,33 @@ def accumulated(taus: list[torch.Tensor], *, truncate: float | None = None, flat
     return acc
 
 
+VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options of `accumulated`)
+    "row": ("the row's rule, recomputed here in float64 (a check of this loop)", {}),
+    "half": ("τ_t truncated to its top half of directions", dict(truncate=0.5)),
+    "quarter": ("τ_t truncated to its top quarter of directions", dict(truncate=0.25)),
+    "tenth": ("τ_t truncated to its top tenth of directions", dict(truncate=0.1)),
+    "twentieth": ("τ_t truncated to its top twentieth of directions", dict(truncate=0.05)),
+    "flatten-each": ("τ_t flattened before the projection", dict(flatten_each=True)),
+    "strict": ("projection without the cross blocks (strict Eq. 9)", dict(drop_cross_blocks=True)),
+    "by-task": ("protected directions of S_{t-1}: as many as τ_t needs for half its mass",
+                dict(protect_by_task=True)),
+}
+OTHERS = {"dop": dict(solver="exact"), "nufilt": {}}   # methods whose merged update the screen flattens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("screen", choices=("embeddings", "alpha-type", "alpha-depth", "accumulate"))
     ap.add_argument("--grid", default=",".join(map(str, GRID)),
                     help="accumulate: the α values, comma-separated (default: the row's sweep grid)")
     ap.add_argument("--variants", default="", help="accumulate: the variants to run, comma-separated (default: all)")
+    ap.add_argument("--orders", type=int, default=1, help="screen over the first N seeded orders (default 1)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     grid = [float(a) for a in args.grid.split(",")]
+    unknown = set(args.variants.split(",") if args.variants else ()) - set(VARIANTS) - set(OTHERS)
+    if unknown:
+        sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join([*VARIANTS, *OTHERS])}")
     torch.set_num_threads(args.threads)
 
     tasks, recipe = load_suite(TASKS), FinetuneRecipe()
@@ -120,23 +133,43 @@ def main() -> None:
     missing = [t for t, folder in experts.items() if not (folder / WEIGHTS_FILE).is_file()]
     if missing:
         sys.exit(f"no cached expert for {', '.join(missing)}: run `cmerge bench text --tasks {TASKS}` first.")
-    order = shuffled_orders(list(tasks), 10, 0)[0]
+    orders = shuffled_orders(list(tasks), 10, 0)[:args.orders]
     evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, split="validation", max_len=recipe.max_len,
                                    logit_scale=recipe.logit_scale)
     base = load_file(str(base_folder / WEIGHTS_FILE))
+    scores: dict[str, list[float]] = {}
+    for i, order in enumerate(orders, 1):
+        print(f"order {i}: {', '.join(order)}", flush=True)
+        screen_order(args.screen, order, experts, base, base_folder, evaluator, grid, args.variants, scores)
+    if len(orders) > 1:
+        row = scores[ROW_LABEL]
+        print(f"over the first {len(orders)} orders (validation; difference to the row per order):")
+        for label, accs in scores.items():
+            diffs = [a - b for a, b in zip(accs, row)]
+            print(f"{label}: ACC {sum(accs) / len(accs):.2f}, − row {sum(diffs) / len(diffs):+.2f} "
+                  f"[{min(diffs):+.2f}, {max(diffs):+.2f}]", flush=True)
+
+
+ROW_LABEL = f"the row (α = {ALPHA} everywhere, embeddings averaged)"
+
+
+def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_folder: Path, evaluator,
+                 grid: list[float], variants_arg: str, scores: dict[str, list[float]]) -> None:
+    """One order's screen: the row, then the screen's variants, each line printed and added to ``scores``."""
 
     def report(label: str, model: dict) -> None:
         accs, _ = score(evaluator, model, order)
-        print(f"{label}: ACC {sum(accs) / len(accs):.2f} (validation)", flush=True)
+        scores.setdefault(label, []).append(sum(accs) / len(accs))
+        print(f"{label}: ACC {scores[label][-1]:.2f} (validation)", flush=True)
 
     merger = Merger(base_folder, method="iso", accumulate="opcm", scale=1.0)
     for task in order:
         merger.add(experts[task], name=task)
     at_one = merger.state_dict()
     row = scaled(base, at_one, lambda name: ALPHA)
-    report(f"the row (α = {ALPHA} everywhere, embeddings averaged)", row)
+    report(ROW_LABEL, row)
 
-    if args.screen == "embeddings":
+    if screen == "embeddings":
         names = [n for n in base if n.startswith("embeddings.") and base[n].is_floating_point()]
         deltas = {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
         stacked = {n: torch.stack([deltas[t][n] - base[n] for t in order]) for n in names}
@@ -148,44 +181,30 @@ def main() -> None:
         }
         for label, rule in variants.items():
             report(label, {**row, **{n: base[n] + rule(stacked[n]) for n in names}})
-    elif args.screen == "alpha-type":
+    elif screen == "alpha-type":
         for a, b in itertools.product(GRID, GRID):
             report(f"attention α {a}, MLP α {b}", scaled(base, at_one, lambda n: a if ".attention." in n else b))
-    elif args.screen == "accumulate":
+    elif screen == "accumulate":
         experts_sd = {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
         names = [n for n, t in base.items() if is_flattened(n, t)]
-        variants = {
-            "row": ("the row's rule, recomputed here in float64 (a check of this loop)", {}),
-            "half": ("τ_t truncated to its top half of directions", dict(truncate=0.5)),
-            "quarter": ("τ_t truncated to its top quarter of directions", dict(truncate=0.25)),
-            "tenth": ("τ_t truncated to its top tenth of directions", dict(truncate=0.1)),
-            "flatten-each": ("τ_t flattened before the projection", dict(flatten_each=True)),
-            "strict": ("projection without the cross blocks (strict Eq. 9)", dict(drop_cross_blocks=True)),
-            "by-task": ("protected directions of S_{t-1}: as many as τ_t needs for half its mass",
-                        dict(protect_by_task=True)),
-        }
-        others = {"dop": dict(solver="exact"), "nufilt": {}}
-        chosen = args.variants.split(",") if args.variants else [*variants, *others]
-        unknown = set(chosen) - set(variants) - set(others)
-        if unknown:
-            sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join([*variants, *others])}")
-        for key in (k for k in chosen if k in variants):
-            label, options = variants[key]
+        chosen = variants_arg.split(",") if variants_arg else [*VARIANTS, *OTHERS]
+        for key in (k for k in chosen if k in VARIANTS):
+            label, options = VARIANTS[key]
             at_one_v = dict(at_one)
             for n in names:
                 taus = [experts_sd[t][n].double() - base[n].double() for t in order]
                 at_one_v[n] = base[n] + isotropic(accumulated(taus, **options), 1.0).to(base[n].dtype)
             for a in grid:
                 report(f"{label}, α {a}", scaled(base, at_one_v, lambda n, a=a: a))
-        for method in (k for k in chosen if k in others):
-            other = Merger(base_folder, method=method, **others[method])
+        for method in (k for k in chosen if k in OTHERS):
+            other = Merger(base_folder, method=method, **OTHERS[method])
             for task in order:
                 other.add(experts[task], name=task)
             merged = other.state_dict()
             flat = {**merged, **{n: base[n] + isotropic(merged[n].double() - base[n].double(), 1.0).to(base[n].dtype)
                                  for n in names}}
             for a in grid:
-                report(f"{method} {others[method] or ''}: its merged update flattened, α {a}",
+                report(f"{method} {OTHERS[method] or ''}: its merged update flattened, α {a}",
                        scaled(base, flat, lambda n, a=a: a))
     else:
         for a, b in ((ALPHA, 1.8), (ALPHA, 2.6), (1.8, ALPHA), (2.6, ALPHA)):

@@ -3,6 +3,7 @@ plain float64 LAPACK SVD, and the whole method against a float64 whole-model imp
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from safetensors.torch import load_file
 import helpers
 from cmerge import Merger, init_state, merge, open_state
 from cmerge.layers import PASSTHROUGH, is_projected
-from cmerge.methods.iso import isotropic
+from cmerge.errors import CmergeError
+from cmerge.methods.iso import isotropic, truncated
 
 F64 = torch.float64
 
@@ -46,6 +48,26 @@ def test_flattening_matches_lapack_and_is_flat(shape, rank):
     assert float((pu @ got @ pv - got).norm()) < 1e-10 * float(got.norm())
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 1.0])
+def test_truncation_keeps_the_top_singular_pairs(fraction):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(14, 20, generator=g, dtype=F64) * torch.logspace(0, -2, 20, dtype=F64)
+    got = truncated(x, fraction)
+    assert float((got - ref_truncated(x, fraction)).norm()) < 1e-10 * float(x.norm())
+    k = math.ceil(fraction * 14)
+    s, s_x = torch.linalg.svdvals(got), torch.linalg.svdvals(x)
+    assert torch.allclose(s[:k], s_x[:k], rtol=1e-10) and float(s[k:].abs().sum()) < 1e-10 * float(s_x[0])
+
+
+def test_keep_changes_the_merge_and_zero_is_refused(models):
+    base, exps = models
+    full = merge(base, exps, "iso", accumulate="opcm", precision="float64")
+    kept = merge(base, exps, "iso", accumulate="opcm", keep=0.3, precision="float64")
+    assert helpers.max_rel_err(kept, full) > 1e-3
+    with pytest.raises(CmergeError, match="keep"):
+        Merger(base, "iso", keep=0.0)
+
+
 def test_flattening_a_zero_matrix_is_zero():
     assert torch.equal(isotropic(torch.zeros(4, 6, dtype=F64), 2.0), torch.zeros(4, 6, dtype=F64))
 
@@ -56,9 +78,17 @@ def models():
     return base, helpers.experts(base, 4, seed=23)
 
 
-def ref_iso_model(base, exps, scale=1.8, accumulate="sum", protect=0.5, others="average"):
-    """Whole models in float64: S_t the sum (or OPCM's projected sum) of the task vectors; linear weights
-    α · s̄ · U Vᵀ of S_t, every other tensor the running mean of the task vectors (or θ0)."""
+def ref_truncated(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """x on its top ⌈fraction · r⌉ singular pairs, r those above 1e-10 · s_1 (full LAPACK SVD)."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=True)
+    k = math.ceil(fraction * int((s > 1e-10 * s[0]).sum()))
+    return u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+
+
+def ref_iso_model(base, exps, scale=1.8, accumulate="sum", protect=0.5, others="average", keep=1.0):
+    """Whole models in float64: S_t the sum (or OPCM's projected sum) of the task vectors (each truncated to
+    its top ⌈keep · r⌉ singular pairs); linear weights α · s̄ · U Vᵀ of S_t, every other tensor the running
+    mean of the task vectors (or θ0)."""
     b = helpers.f64(base)
     acc, mean, out = {}, {}, []
     for t, e in enumerate(exps, start=1):
@@ -66,12 +96,13 @@ def ref_iso_model(base, exps, scale=1.8, accumulate="sum", protect=0.5, others="
         merged = {}
         for n in b:
             if n in helpers.TINY_PROJECTED:
+                x = ref_truncated(tau[n], keep) if keep < 1 else tau[n]
                 if t == 1:
-                    acc[n] = tau[n]
+                    acc[n] = x
                 elif accumulate == "sum":
-                    acc[n] = acc[n] + tau[n]
+                    acc[n] = acc[n] + x
                 else:
-                    acc[n] = acc[n] + helpers.ref_project(acc[n], tau[n], protect)[0]
+                    acc[n] = acc[n] + helpers.ref_project(acc[n], x, protect, rank_rule=True)[0]
                 merged[n] = b[n] + ref_isotropic(acc[n], scale)
             else:
                 mean[n] = tau[n] if t == 1 else mean[n] + (tau[n] - mean[n]) / t
@@ -80,8 +111,9 @@ def ref_iso_model(base, exps, scale=1.8, accumulate="sum", protect=0.5, others="
     return out
 
 
-@pytest.mark.parametrize("params", [{}, dict(accumulate="opcm", protect=0.3, scale=2.2), dict(others="base", scale=0.7)],
-                         ids=["sum", "opcm", "base"])
+@pytest.mark.parametrize("params", [{}, dict(accumulate="opcm", protect=0.3, scale=2.2), dict(others="base", scale=0.7),
+                                    dict(accumulate="opcm", keep=0.3, scale=2.6), dict(keep=0.5)],
+                         ids=["sum", "opcm", "base", "opcm-keep", "sum-keep"])
 def test_merger_matches_whole_model_reference(models, params):
     base, exps = models
     merger = Merger(base, "iso", precision="float64", **params)

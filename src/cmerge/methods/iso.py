@@ -16,6 +16,9 @@ tensor stores M_t only:
 - ``accumulate="opcm"``: S_t = S_{t−1} + P_{S_{t−1}}(τ_t), OPCM's projection (Eq. 9,
   threshold ``protect``), so each new task vector first loses the directions the merged
   update already uses most.
+- ``keep`` = f < 1: each τ_t enters the rule above as its truncated SVD, its top ⌈f · r⌉
+  singular pairs of r nonzero ones (as task-singular-vector merges truncate each task), so the
+  directions a task barely uses are not lifted to full weight by the flattening.
 
 Each linear-layer weight: M_t = α · s̄(S_t) · U Vᵀ over S_t's nonzero singular pairs (a
 rank-deficient S keeps its null space null; on a full-rank S this is Iso-C's rule). Every
@@ -23,12 +26,14 @@ other tensor: the running mean of the experts (``others="average"``) or θ0 (``"
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..linalg import numerical_rank, opcm_project, svd_factors
 from .base import Method, Param, TensorStep, TensorUpdate
 
-__all__ = ["Isotropic", "isotropic"]
+__all__ = ["Isotropic", "isotropic", "truncated"]
 
 
 def isotropic(s_mat: torch.Tensor, scale: float) -> torch.Tensor:
@@ -41,6 +46,16 @@ def isotropic(s_mat: torch.Tensor, scale: float) -> torch.Tensor:
     return (scale * float(s.mean())) * (u @ v.mT)
 
 
+def truncated(tau: torch.Tensor, fraction: float) -> torch.Tensor:
+    """τ on its top ⌈fraction · r⌉ singular pairs (r its nonzero ones), float64; τ itself in float64 for fraction 1."""
+    x = tau.to(torch.float64)
+    if fraction >= 1.0:
+        return x
+    u, s, v = svd_factors(x)
+    k = math.ceil(fraction * numerical_rank(s))
+    return (u[:, :k] * s[:k]) @ v[:, :k].mT
+
+
 class Isotropic(Method):
     name = "iso"
     summary = "The running sum (or OPCM's projected sum) with a flat singular spectrum per linear weight (ours, after Iso-C)."
@@ -51,6 +66,8 @@ class Isotropic(Method):
               "so far) or 'opcm' OPCM's projected sum (Eq. 9).", ("sum", "opcm")),
         Param("protect", float, 0.5, "with accumulate=opcm: OPCM's projection threshold α (Eq. 9).",
               minimum=0.0, maximum=1.0),
+        Param("keep", float, 1.0, "the fraction f of each task vector's nonzero singular pairs it enters S with "
+              "(its top ⌈f · r⌉; 1 keeps all).", minimum=0.0, maximum=1.0, exclusive_minimum=True),
         Param("others", str, "average", "every tensor that is not a linear-layer weight: 'average' the running mean "
               "of the experts, 'base' kept at θ0.", ("average", "base")),
     )
@@ -62,16 +79,24 @@ class Isotropic(Method):
     def elementwise(self, projected: bool) -> bool:
         return not projected  # linear weights need an SVD of the whole matrix
 
+    def _kept(self, tau: torch.Tensor) -> torch.Tensor:
+        if self.p["keep"] >= 1.0:
+            return tau
+        if tau.ndim == 2:
+            return truncated(tau, self.p["keep"]).to(tau.dtype)
+        return torch.stack([truncated(m, self.p["keep"]).to(tau.dtype) for m in tau])
+
     def _accumulate(self, s: TensorStep) -> torch.Tensor:
+        tau = self._kept(s.tau)
         if s.t == 1:
-            return s.tau.clone()
+            return tau.clone()
         prev = s.acc["S"]
         if self.p["accumulate"] == "sum":
-            return prev + s.tau
-        if s.tau.ndim == 2:
-            return prev + opcm_project(prev, s.tau, self.p["protect"])[0]
-        return prev + torch.stack([opcm_project(prev[e], s.tau[e], self.p["protect"])[0]
-                                   for e in range(s.tau.shape[0])])
+            return prev + tau
+        if tau.ndim == 2:
+            return prev + opcm_project(prev, tau, self.p["protect"])[0]
+        return prev + torch.stack([opcm_project(prev[e], tau[e], self.p["protect"])[0]
+                                   for e in range(tau.shape[0])])
 
     def rule(self, s: TensorStep) -> TensorUpdate:
         if s.projected:
