@@ -123,6 +123,44 @@ def test_merger_matches_whole_model_reference(models, params):
         assert helpers.max_rel_err(merger.state_dict(), w) < 1e-10, f"step {t}"
 
 
+def low_rank_experts(base, n: int, rank: int, seed: int) -> list[dict]:
+    """Experts in float64 whose linear weights move by an exactly rank-``rank`` delta (a merged LoRA adapter)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        e = {k: v.double() if v.is_floating_point() else v for k, v in base.items()}
+        for name in helpers.TINY_PROJECTED:
+            m, k = base[name].shape
+            e[name] = e[name] + 0.05 * torch.randn(m, rank, generator=g, dtype=F64) @ torch.randn(rank, k, generator=g,
+                                                                                                dtype=F64)
+        out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("params", [dict(accumulate="opcm", keep=0.3, scale=2.6), dict(keep=0.5),
+                                    dict(accumulate="opcm", low_rank=2), dict(low_rank=2)],
+                         ids=["opcm-keep", "sum-keep", "opcm-low-rank", "sum-low-rank"])
+def test_float32_state_on_rank_deficient_updates_matches_the_float64_reference(models, params):
+    """In the default float32 state, a rank-deficient S (truncated task vectors, low-rank experts) is
+    flattened over its genuine directions only: its float32 rounding is neither lifted to s̄ by the
+    flattening nor counted as directions by the projection (both were, before `linalg.rank_rtol`)."""
+    params = dict(params)
+    base, exps = models
+    rank = params.pop("low_rank", None)
+    if rank:  # the reference sees the exact deltas, the merge their float32 copies
+        exps = low_rank_experts(base, 4, rank, seed=31)
+    merger = Merger(base, "iso", **params)
+    want = ref_iso_model(base, exps, **params)
+    for t, (e, w) in enumerate(zip(exps, want), start=1):
+        merger.add({k: v.float() if v.is_floating_point() else v for k, v in e.items()})
+        got = merger.state_dict()
+        assert helpers.max_rel_err(got, w) < 1e-4, f"step {t}"
+        if rank:  # the merged update stays in the experts' span: rank ≤ t · rank
+            for name in helpers.TINY_PROJECTED:
+                delta = got[name].double() - base[name].double()
+                assert int(torch.linalg.matrix_rank(delta, rtol=1e-4)) <= t * rank
+
+
 def test_the_sum_is_order_independent_and_the_projected_sum_is_not(models):
     base, exps = models
     finals = {order: merge(base, [exps[i] for i in order], "iso", precision="float64")

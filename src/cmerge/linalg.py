@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FACTORIZATIONS", "KERNELS", "RANK_RTOL", "numerical_rank", "protected_rank", "opcm_project",
+__all__ = ["FACTORIZATIONS", "KERNELS", "RANK_RTOL", "numerical_rank", "rank_rtol", "protected_rank", "opcm_project",
            "opcm_project_batched", "svd_factors"]
 
 FACTORIZATIONS = ("gram", "svd")
@@ -63,12 +63,20 @@ COLUMN_CHUNK_ELEMENTS = 1 << 22
 RANK_RTOL = 1e-10
 
 
-def numerical_rank(singular_values: torch.Tensor) -> int:
-    """The number of singular values above RANK_RTOL times the largest (0 for a zero spectrum)."""
+def numerical_rank(singular_values: torch.Tensor, rtol: float = RANK_RTOL) -> int:
+    """The number of singular values above ``rtol`` (default RANK_RTOL) times the largest (0 for a zero spectrum)."""
     s = singular_values.detach().reshape(-1)
     if s.numel() == 0 or not float(s.max()) > 0:
         return 0
-    return int(torch.count_nonzero(s > RANK_RTOL * s.max()))
+    return int(torch.count_nonzero(s > rtol * s.max()))
+
+
+def rank_rtol(x: torch.Tensor) -> float:
+    """The relative threshold below which a singular value of the matrix ``x``, as stored, is rounding:
+    RANK_RTOL, or max(m, n) · ε of x's dtype where that is larger (float32: ~1e-4 on a 768 × 768 weight).
+    A matrix of rank r stored in float32 has its other singular values at ~1e-7 of the largest, far
+    above RANK_RTOL."""
+    return max(RANK_RTOL, max(x.shape[-2:]) * torch.finfo(x.dtype).eps)
 
 
 def protected_rank(singular_values: torch.Tensor, alpha: float) -> int:
@@ -106,6 +114,7 @@ def opcm_project(
     factorization: str = "gram",
     kernel: str = "float64",
     out: torch.Tensor | None = None,
+    rtol: float = RANK_RTOL,
 ) -> tuple[torch.Tensor, int]:
     """Project the incoming task vector ``x`` away from ``delta`` (OPCM, Eq. 9).
 
@@ -148,6 +157,9 @@ def opcm_project(
     follows the rule for its R nonzero singular pairs: k from their mass, the diagonal
     zeroed for i < R only, so P(X) does not depend on the arbitrary null-space basis an
     SVD returns; ⟨P(X), D⟩ = 0 still. On a full-rank D this is the rule above.
+    ``rtol``: D's singular values at most this fraction of the largest count as zero (default
+    RANK_RTOL; `iso` passes `rank_rtol` of D, so that a rank-deficient D stored in float32 does not
+    count its rounding as directions).
     """
     _check_pair(delta, x)
     _check_kernel(kernel)
@@ -159,7 +171,7 @@ def opcm_project(
     # P commutes with transposition (P_{Dᵀ}(Xᵀ) = P_D(X)ᵀ): work on the wide side.
     d_w, x_w = (delta.mT, x.mT) if tall else (delta, x)
     u, s, v = svd_factors(d_w, factorization) if kernel == "float64" else _factors_f32(d_w, factorization)
-    rank = numerical_rank(s)
+    rank = numerical_rank(s, rtol)
     if rank < s.numel():  # a rank-deficient D: only its nonzero singular pairs count (docs/methods.md)
         u, s, v = u[:, :rank], s[:rank], v[:, :rank]
     k = protected_rank(s, alpha)

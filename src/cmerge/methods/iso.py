@@ -21,7 +21,10 @@ tensor stores M_t only:
   directions a task barely uses are not lifted to full weight by the flattening.
 
 Each linear-layer weight: M_t = α · s̄(S_t) · U Vᵀ over S_t's nonzero singular pairs (a
-rank-deficient S keeps its null space null; on a full-rank S this is Iso-C's rule). Every
+rank-deficient S keeps its null space null; on a full-rank S this is Iso-C's rule). Nonzero, in
+the flattening and in the projection's rank: above `linalg.rank_rtol` of S as stored, so that in
+a float32 state the rounding of a rank-deficient S (LoRA deltas, truncated task vectors) is
+neither lifted to s̄ nor protected as directions. Every
 other tensor: the running mean of the experts (``others="average"``) or θ0 (``"base"``).
 """
 from __future__ import annotations
@@ -30,16 +33,19 @@ import math
 
 import torch
 
-from ..linalg import numerical_rank, opcm_project, svd_factors
+from ..linalg import numerical_rank, opcm_project, rank_rtol, svd_factors
 from .base import Method, Param, TensorStep, TensorUpdate
 
 __all__ = ["Isotropic", "isotropic", "truncated"]
 
 
 def isotropic(s_mat: torch.Tensor, scale: float) -> torch.Tensor:
-    """α · s̄ · U Vᵀ of one matrix over its R nonzero singular pairs (s̄ their mean), float64; zero for a zero matrix."""
+    """α · s̄ · U Vᵀ of one matrix over its R nonzero singular pairs (s̄ their mean), float64; zero for a zero matrix.
+
+    Nonzero: above `linalg.rank_rtol` of the matrix as given, so a rank-deficient matrix stored in
+    float32 keeps its null space null instead of lifting its rounding to s̄."""
     u, s, v = svd_factors(s_mat.to(torch.float64))
-    rank = numerical_rank(s)
+    rank = numerical_rank(s, rank_rtol(s_mat))
     if rank == 0:
         return torch.zeros(s_mat.shape, dtype=torch.float64, device=s_mat.device)
     u, s, v = u[:, :rank], s[:rank], v[:, :rank]
@@ -47,12 +53,13 @@ def isotropic(s_mat: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def truncated(tau: torch.Tensor, fraction: float) -> torch.Tensor:
-    """τ on its top ⌈fraction · r⌉ singular pairs (r its nonzero ones), float64; τ itself in float64 for fraction 1."""
+    """τ on its top ⌈fraction · r⌉ singular pairs (r its nonzero ones, as in `isotropic`), float64; τ itself in
+    float64 for fraction 1."""
     x = tau.to(torch.float64)
     if fraction >= 1.0:
         return x
     u, s, v = svd_factors(x)
-    k = math.ceil(fraction * numerical_rank(s))
+    k = math.ceil(fraction * numerical_rank(s, rank_rtol(tau)))
     return (u[:, :k] * s[:k]) @ v[:, :k].mT
 
 
@@ -94,8 +101,8 @@ class Isotropic(Method):
         if self.p["accumulate"] == "sum":
             return prev + tau
         if tau.ndim == 2:
-            return prev + opcm_project(prev, tau, self.p["protect"])[0]
-        return prev + torch.stack([opcm_project(prev[e], tau[e], self.p["protect"])[0]
+            return prev + opcm_project(prev, tau, self.p["protect"], rtol=rank_rtol(prev))[0]
+        return prev + torch.stack([opcm_project(prev[e], tau[e], self.p["protect"], rtol=rank_rtol(prev))[0]
                                    for e in range(tau.shape[0])])
 
     def rule(self, s: TensorStep) -> TensorUpdate:
