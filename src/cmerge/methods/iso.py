@@ -24,8 +24,8 @@ Each linear-layer weight: M_t = α · s̄(S_t) · U Vᵀ over S_t's nonzero sing
 rank-deficient S keeps its null space null; on a full-rank S this is Iso-C's rule). Nonzero, in
 the flattening and in the projection's rank: above `linalg.rank_rtol` of S as stored, so that in
 a float32 state the rounding of a rank-deficient S (LoRA deltas, truncated task vectors) is
-neither lifted to s̄ nor protected as directions. Every
-other tensor: the running mean of the experts (``others="average"``) or θ0 (``"base"``).
+neither lifted to s̄ nor protected as directions. Every other tensor: the running mean of the
+experts (``others="average"``) or θ0 (``"base"``).
 """
 from __future__ import annotations
 
