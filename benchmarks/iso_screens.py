@@ -6,8 +6,8 @@
     python benchmarks/iso_screens.py accumulate          # what is accumulated before the flattening
     python benchmarks/iso_screens.py accumulate --orders 3 --variants tenth --grid 2.2,2.6,3.0,3.4
 
-One merge of the 8-task suite's experts over the first seeded order (the first N with ``--orders N``), as the bench's row (α = 2.2 from
-its validation sweep on 8 tasks, threshold 0.5), then variants of the final model, each scored on
+One merge of the 8-task suite's experts over the first seeded order (the first N with ``--orders N``),
+as the bench's row (α = 2.2 from its validation sweep on 8 tasks, threshold 0.5), then variants of the final model, each scored on
 every task's **validation** split: what a knob would be chosen on. The ``accumulate`` screen
 replaces the row's S_t = S_{t−1} + P_{S_{t−1}}(τ_t) by variants (each at α 1.8, 2.2 and 2.6, since
 most change the scale of S): each τ_t truncated to its top singular directions, or flattened
@@ -112,44 +112,6 @@ VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options
 OTHERS = {"dop": dict(solver="exact"), "nufilt": {}}   # methods whose merged update the screen flattens
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("screen", choices=("embeddings", "alpha-type", "alpha-depth", "accumulate"))
-    ap.add_argument("--grid", default=",".join(map(str, GRID)),
-                    help="accumulate: the α values, comma-separated (default: the row's sweep grid)")
-    ap.add_argument("--variants", default="", help="accumulate: the variants to run, comma-separated (default: all)")
-    ap.add_argument("--orders", type=int, default=1, help="screen over the first N seeded orders (default 1)")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    grid = [float(a) for a in args.grid.split(",")]
-    unknown = set(args.variants.split(",") if args.variants else ()) - set(VARIANTS) - set(OTHERS)
-    if unknown:
-        sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join([*VARIANTS, *OTHERS])}")
-    torch.set_num_threads(args.threads)
-
-    tasks, recipe = load_suite(TASKS), FinetuneRecipe()
-    backbone, tokenizer, base_folder = load_backbone()
-    experts = expert_folders(base_folder, tasks.values(), recipe)
-    missing = [t for t, folder in experts.items() if not (folder / WEIGHTS_FILE).is_file()]
-    if missing:
-        sys.exit(f"no cached expert for {', '.join(missing)}: run `cmerge bench text --tasks {TASKS}` first.")
-    orders = shuffled_orders(list(tasks), 10, 0)[:args.orders]
-    evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, split="validation", max_len=recipe.max_len,
-                                   logit_scale=recipe.logit_scale)
-    base = load_file(str(base_folder / WEIGHTS_FILE))
-    scores: dict[str, list[float]] = {}
-    for i, order in enumerate(orders, 1):
-        print(f"order {i}: {', '.join(order)}", flush=True)
-        screen_order(args.screen, order, experts, base, base_folder, evaluator, grid, args.variants, scores)
-    if len(orders) > 1:
-        row = scores[ROW_LABEL]
-        print(f"over the first {len(orders)} orders (validation; difference to the row per order):")
-        for label, accs in scores.items():
-            diffs = [a - b for a, b in zip(accs, row)]
-            print(f"{label}: ACC {sum(accs) / len(accs):.2f}, − row {sum(diffs) / len(diffs):+.2f} "
-                  f"[{min(diffs):+.2f}, {max(diffs):+.2f}]", flush=True)
-
-
 ROW_LABEL = f"the row (α = {ALPHA} everywhere, embeddings averaged)"
 
 
@@ -209,6 +171,44 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
     else:
         for a, b in ((ALPHA, 1.8), (ALPHA, 2.6), (1.8, ALPHA), (2.6, ALPHA)):
             report(f"layers 0-2 α {a}, layers 3-5 α {b}", scaled(base, at_one, lambda n: a if depth(n) < 3 else b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("screen", choices=("embeddings", "alpha-type", "alpha-depth", "accumulate"))
+    ap.add_argument("--grid", default=",".join(map(str, GRID)),
+                    help="accumulate: the α values, comma-separated (default: the row's sweep grid)")
+    ap.add_argument("--variants", default="", help="accumulate: the variants to run, comma-separated (default: all)")
+    ap.add_argument("--orders", type=int, default=1, help="screen over the first N seeded orders (default 1)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    grid = [float(a) for a in args.grid.split(",")]
+    unknown = set(args.variants.split(",") if args.variants else ()) - set(VARIANTS) - set(OTHERS)
+    if unknown:
+        sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join([*VARIANTS, *OTHERS])}")
+    torch.set_num_threads(args.threads)
+
+    tasks, recipe = load_suite(TASKS), FinetuneRecipe()
+    backbone, tokenizer, base_folder = load_backbone()
+    experts = expert_folders(base_folder, tasks.values(), recipe)
+    missing = [t for t, folder in experts.items() if not (folder / WEIGHTS_FILE).is_file()]
+    if missing:
+        sys.exit(f"no cached expert for {', '.join(missing)}: run `cmerge bench text --tasks {TASKS}` first.")
+    orders = shuffled_orders(list(tasks), 10, 0)[:args.orders]
+    evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, split="validation", max_len=recipe.max_len,
+                                   logit_scale=recipe.logit_scale)
+    base = load_file(str(base_folder / WEIGHTS_FILE))
+    scores: dict[str, list[float]] = {}
+    for i, order in enumerate(orders, 1):
+        print(f"order {i}: {', '.join(order)}", flush=True)
+        screen_order(args.screen, order, experts, base, base_folder, evaluator, grid, args.variants, scores)
+    if len(orders) > 1:
+        row = scores[ROW_LABEL]
+        print(f"over the first {len(orders)} orders (validation; difference to the row per order):")
+        for label, accs in scores.items():
+            diffs = [a - b for a, b in zip(accs, row)]
+            print(f"{label}: ACC {sum(accs) / len(accs):.2f}, − row {sum(diffs) / len(diffs):+.2f} "
+                  f"[{min(diffs):+.2f}, {max(diffs):+.2f}]", flush=True)
 
 
 if __name__ == "__main__":
