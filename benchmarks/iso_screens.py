@@ -7,9 +7,9 @@
     python benchmarks/iso_screens.py accumulate --orders 3 --variants tenth --grid 2.2,2.6,3.0,3.4
 
 One merge of the 8-task suite's experts over the first seeded order (the first N with ``--orders N``),
-as the bench's row (α = 2.2 from its validation sweep on 8 tasks, threshold 0.5), then variants of the final model, each scored on
-every task's **validation** split: what a knob would be chosen on. The ``accumulate`` screen
-replaces the row's S_t = S_{t−1} + P_{S_{t−1}}(τ_t) by variants (each at α 1.8, 2.2 and 2.6, since
+as the bench's row (α = 2.2 from its validation sweep on 8 tasks, threshold 0.5), then variants of
+the final model, each scored on every task's **validation** split: what a knob would be chosen on.
+The ``accumulate`` screen replaces the row's S_t = S_{t−1} + P_{S_{t−1}}(τ_t) by variants (each at α 1.8, 2.2 and 2.6, since
 most change the scale of S): each τ_t truncated to its top singular directions, or flattened
 itself, before the projection; the projection with its cross blocks dropped (the strict reading
 of Eq. 9), or protecting as many directions of S_{t−1} as τ_t's own spectrum needs; and the
