@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from cmerge.evaluation.orders import shuffled_orders  # noqa: E402
 from cmerge.evaluation.runner import score  # noqa: E402
-from cmerge.linalg import numerical_rank, opcm_project, protected_rank, svd_factors  # noqa: E402
+from cmerge.linalg import numerical_rank, opcm_project, protected_rank, rank_rtol, svd_factors  # noqa: E402
 from cmerge.methods.iso import isotropic, truncated  # noqa: E402
 from cmerge.merger import Merger  # noqa: E402
 from cmerge.suites.backbone import WEIGHTS_FILE, load_backbone  # noqa: E402
@@ -80,6 +81,15 @@ def project_top(delta: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
     return x - u @ removed @ v.mT
 
 
+def flattened_top(s_mat: torch.Tensor, fraction: float) -> torch.Tensor:
+    """s̄ · U_k V_kᵀ of one matrix: the flattening of `isotropic` at α = 1 (s̄ the mean over all R nonzero singular
+    values) kept on the top k = ⌈fraction · R⌉ singular pairs only, float64."""
+    u, s, v = svd_factors(s_mat.to(torch.float64))
+    rank = numerical_rank(s, rank_rtol(s_mat))
+    k = math.ceil(fraction * rank)
+    return float(s[:rank].mean()) * (u[:, :k] @ v[:, :k].mT)
+
+
 def accumulated(taus: list[torch.Tensor], *, truncate: float | None = None, flatten_each: bool = False,
                 drop_cross_blocks: bool = False, protect_by_task: bool = False) -> torch.Tensor:
     """S_T of the projected sum over ``taus`` (float64), with the screened variant."""
@@ -108,6 +118,9 @@ VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options
     "strict": ("projection without the cross blocks (strict Eq. 9)", dict(drop_cross_blocks=True)),
     "by-task": ("protected directions of S_{t-1}: as many as τ_t needs for half its mass",
                 dict(protect_by_task=True)),
+    "final-half": ("S_T flattened on its top half of directions only", dict(final_keep=0.5)),
+    "final-quarter": ("S_T flattened on its top quarter of directions only", dict(final_keep=0.25)),
+    "final-tenth": ("S_T flattened on its top tenth of directions only", dict(final_keep=0.1)),
 }
 OTHERS = {"dop": dict(solver="exact"), "nufilt": {}}   # methods whose merged update the screen flattens
 
@@ -152,10 +165,14 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
         chosen = variants_arg.split(",") if variants_arg else [*VARIANTS, *OTHERS]
         for key in (k for k in chosen if k in VARIANTS):
             label, options = VARIANTS[key]
+            options = dict(options)
+            keep = options.pop("final_keep", None)
             at_one_v = dict(at_one)
             for n in names:
                 taus = [experts_sd[t][n].double() - base[n].double() for t in order]
-                at_one_v[n] = base[n] + isotropic(accumulated(taus, **options), 1.0).to(base[n].dtype)
+                acc = accumulated(taus, **options)
+                flat = isotropic(acc, 1.0) if keep is None else flattened_top(acc, keep)
+                at_one_v[n] = base[n] + flat.to(base[n].dtype)
             for a in grid:
                 report(f"{label}, α {a}", scaled(base, at_one_v, lambda n, a=a: a))
         for method in (k for k in chosen if k in OTHERS):

@@ -486,13 +486,15 @@ class Bench:
             self.init(states[row], m[0], method, no_project, **params)
             for t in range(1, step):
                 self.cmerge("add", states[row], m[t], "-q", *on)
+            self.log(f"{spec.key}: {row} state after step {step - 1} ready")
         out: dict = {"model": f"{spec.key}: {spec.title}{note}", "key": spec.key, "step": step, "runs": runs,
                      "rows": {row: {"wall": [], "rss": [], "load": []} for row in rows}}
-        for _ in range(runs):
+        for rnd in range(runs):
             for row, state in states.items():
                 tmp = clone_state(state, d / "tmp")
                 r = self.cmerge("add", tmp, m[step], "-q", *on)
                 shutil.rmtree(tmp)
+                self.log(f"{spec.key}: {row} add #{step}, round {rnd + 1}: {r.wall:.1f}s (load {r.load:.1f})")
                 for k, v in (("wall", r.wall), ("rss", r.rss_mb), ("load", r.load)):
                     out["rows"][row][k].append(v)
         for row, v in out["rows"].items():
