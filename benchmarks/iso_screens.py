@@ -1,6 +1,7 @@
 """Screens of the projected-sum flat-spectrum row (`iso --accumulate opcm`) on the validation split.
 
     python benchmarks/iso_screens.py embeddings          # how the embedding tensors are merged
+    python benchmarks/iso_screens.py others              # how the biases and norms (and `--others base`) are merged
     python benchmarks/iso_screens.py alpha-type          # α per layer type (attention, MLP), a 3 × 3 grid
     python benchmarks/iso_screens.py alpha-depth         # α per depth (layers 0-2, 3-5), one half moved off 2.2
     python benchmarks/iso_screens.py accumulate          # what is accumulated before the flattening
@@ -8,14 +9,17 @@
 
 One merge of the 8-task suite's experts over the first seeded order (the first N with ``--orders N``),
 as the bench's row (α = 2.2 from its validation sweep on 8 tasks, threshold 0.5), then variants of
-the final model, each scored on every task's **validation** split: what a knob would be chosen on.
-The ``accumulate`` screen replaces the row's S_t = S_{t−1} + P_{S_{t−1}}(τ_t) by variants (each at α 1.8, 2.2 and 2.6, since
-most change the scale of S): each τ_t truncated to its top singular directions, or flattened
-itself, before the projection; the projection with its cross blocks dropped (the strict reading
-of Eq. 9), or protecting as many directions of S_{t−1} as τ_t's own spectrum needs; and the
-flattened merged update of DOP's exact minimiser and of NUFILT. Not bench rows (one order, one
-model); docs/benchmarks.md reports them among the attempts. The merge is linear in α, so one merge at
-α = 1 serves every point of an α grid. Prints one line per variant and order: its mean ACC over the
+the final model, each scored on every task's **validation** split: what a knob would be chosen on
+(``--split test`` scores a variant already chosen there on the test split: its final ACC as a row
+would report it, without BWT).
+The ``accumulate`` screen replaces the row's S_t = S_{t−1} + P_{S_{t−1}}(τ_t) by variants (each at α 1.8,
+2.2 and 2.6, since most change the scale of S): each τ_t truncated to its top singular directions,
+flattened itself, or scaled to an equal norm before the projection; the projection with its cross
+blocks dropped (the strict reading of Eq. 9), or protecting as many directions of S_{t−1} as τ_t's
+own spectrum needs; S_T flattened on its top directions only; and the flattened merged update of
+DOP's exact minimiser and of NUFILT. Not bench rows (one order, one model); docs/benchmarks.md
+reports them among the attempts. The merge is linear in α, so one merge at α = 1 serves every
+point of an α grid. Prints one line per variant and order: its mean ACC over the
 tasks; with several orders, then each variant's mean over the orders and its paired difference to
 the row's (mean and range over the orders).
 """
@@ -90,9 +94,23 @@ def flattened_top(s_mat: torch.Tensor, fraction: float) -> torch.Tensor:
     return float(s[:rank].mean()) * (u[:, :k] @ v[:, :k].mT)
 
 
+def norm_of(tau: torch.Tensor, kind: str) -> float:
+    """‖τ‖ of the kind a variant equalises: "fro" the Frobenius norm, "top" the largest singular value."""
+    return float(torch.linalg.matrix_norm(tau, "fro" if kind == "fro" else 2))
+
+
 def accumulated(taus: list[torch.Tensor], *, truncate: float | None = None, flatten_each: bool = False,
-                drop_cross_blocks: bool = False, protect_by_task: bool = False) -> torch.Tensor:
-    """S_T of the projected sum over ``taus`` (float64), with the screened variant."""
+                drop_cross_blocks: bool = False, protect_by_task: bool = False,
+                equalise: str | None = None) -> torch.Tensor:
+    """S_T of the projected sum over ``taus`` (float64), with the screened variant. With ``equalise``, each τ_t
+    enters as τ_t / ‖τ_t‖ (a zero τ_t as itself) and S_T is scaled by the mean of those norms (a running mean:
+    constant memory)."""
+    if equalise is not None:
+        norms = [norm_of(tau, equalise) for tau in taus]
+        scale = sum(norms) / len(norms)
+        return scale * accumulated([tau / n if n > 0 else tau for tau, n in zip(taus, norms)], truncate=truncate,
+                                   flatten_each=flatten_each, drop_cross_blocks=drop_cross_blocks,
+                                   protect_by_task=protect_by_task)
     acc = None
     for tau in taus:
         if truncate is not None:
@@ -118,6 +136,8 @@ VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options
     "strict": ("projection without the cross blocks (strict Eq. 9)", dict(drop_cross_blocks=True)),
     "by-task": ("protected directions of S_{t-1}: as many as τ_t needs for half its mass",
                 dict(protect_by_task=True)),
+    "equal-fro": ("τ_t entering at equal Frobenius norm", dict(equalise="fro")),
+    "equal-top": ("τ_t entering at equal largest singular value", dict(equalise="top")),
     "final-half": ("S_T flattened on its top half of directions only", dict(final_keep=0.5)),
     "final-quarter": ("S_T flattened on its top quarter of directions only", dict(final_keep=0.25)),
     "final-tenth": ("S_T flattened on its top tenth of directions only", dict(final_keep=0.1)),
@@ -135,7 +155,7 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
     def report(label: str, model: dict) -> None:
         accs, _ = score(evaluator, model, order)
         scores.setdefault(label, []).append(sum(accs) / len(accs))
-        print(f"{label}: ACC {scores[label][-1]:.2f} (validation)", flush=True)
+        print(f"{label}: ACC {scores[label][-1]:.2f} ({evaluator.split})", flush=True)
 
     merger = Merger(base_folder, method="iso", accumulate="opcm", scale=1.0)
     for task in order:
@@ -156,6 +176,16 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
         }
         for label, rule in variants.items():
             report(label, {**row, **{n: base[n] + rule(stacked[n]) for n in names}})
+    elif screen == "others":
+        names = [n for n, t in base.items() if t.is_floating_point() and not is_flattened(n, t)
+                 and not n.startswith("embeddings.")]
+        deltas = {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
+        summed = {n: sum(deltas[t][n] - base[n] for t in order) for n in names}
+        for c in (0.2, 0.3, 0.5):
+            report(f"biases and norms: θ0 + {c} Σ τ", {**row, **{n: base[n] + c * summed[n] for n in names}})
+        report("biases and norms: θ0", {**row, **{n: base[n] for n in names}})
+        report("biases, norms and embeddings: θ0 (`--others base`)",
+               {**row, **{n: base[n] for n, t in base.items() if t.is_floating_point() and not is_flattened(n, t)}})
     elif screen == "alpha-type":
         for a, b in itertools.product(GRID, GRID):
             report(f"attention α {a}, MLP α {b}", scaled(base, at_one, lambda n: a if ".attention." in n else b))
@@ -192,11 +222,13 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("screen", choices=("embeddings", "alpha-type", "alpha-depth", "accumulate"))
+    ap.add_argument("screen", choices=("embeddings", "others", "alpha-type", "alpha-depth", "accumulate"))
     ap.add_argument("--grid", default=",".join(map(str, GRID)),
                     help="accumulate: the α values, comma-separated (default: the row's sweep grid)")
     ap.add_argument("--variants", default="", help="accumulate: the variants to run, comma-separated (default: all)")
     ap.add_argument("--orders", type=int, default=1, help="screen over the first N seeded orders (default 1)")
+    ap.add_argument("--split", choices=("validation", "test"), default="validation",
+                    help="the split the variants are scored on (default validation: where knobs are chosen)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     grid = [float(a) for a in args.grid.split(",")]
@@ -212,7 +244,7 @@ def main() -> None:
     if missing:
         sys.exit(f"no cached expert for {', '.join(missing)}: run `cmerge bench text --tasks {TASKS}` first.")
     orders = shuffled_orders(list(tasks), 10, 0)[:args.orders]
-    evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, split="validation", max_len=recipe.max_len,
+    evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, split=args.split, max_len=recipe.max_len,
                                    logit_scale=recipe.logit_scale)
     base = load_file(str(base_folder / WEIGHTS_FILE))
     scores: dict[str, list[float]] = {}
@@ -221,7 +253,7 @@ def main() -> None:
         screen_order(args.screen, order, experts, base, base_folder, evaluator, grid, args.variants, scores)
     if len(orders) > 1:
         row = scores[ROW_LABEL]
-        print(f"over the first {len(orders)} orders (validation; difference to the row per order):")
+        print(f"over the first {len(orders)} orders ({args.split}; difference to the row per order):")
         for label, accs in scores.items():
             diffs = [a - b for a, b in zip(accs, row)]
             print(f"{label}: ACC {sum(accs) / len(accs):.2f}, − row {sum(diffs) / len(diffs):+.2f} "
