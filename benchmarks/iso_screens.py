@@ -143,6 +143,7 @@ VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options
     "final-tenth": ("S_T flattened on its top tenth of directions only", dict(final_keep=0.1)),
 }
 OTHERS = {"dop": dict(solver="exact"), "nufilt": {}}   # methods whose merged update the screen flattens
+OTHER_TENSORS = ["sum-0.2", "sum-0.3", "sum-0.5", "base", "all-base"]   # the others screen's variants
 
 
 ROW_LABEL = f"the row (α = {ALPHA} everywhere, embeddings averaged)"
@@ -181,11 +182,15 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
                  and not n.startswith("embeddings.")]
         deltas = {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
         summed = {n: sum(deltas[t][n] - base[n] for t in order) for n in names}
+        chosen = variants_arg.split(",") if variants_arg else OTHER_TENSORS
         for c in (0.2, 0.3, 0.5):
-            report(f"biases and norms: θ0 + {c} Σ τ", {**row, **{n: base[n] + c * summed[n] for n in names}})
-        report("biases and norms: θ0", {**row, **{n: base[n] for n in names}})
-        report("biases, norms and embeddings: θ0 (`--others base`)",
-               {**row, **{n: base[n] for n, t in base.items() if t.is_floating_point() and not is_flattened(n, t)}})
+            if f"sum-{c}" in chosen:
+                report(f"biases and norms: θ0 + {c} Σ τ", {**row, **{n: base[n] + c * summed[n] for n in names}})
+        if "base" in chosen:
+            report("biases and norms: θ0", {**row, **{n: base[n] for n in names}})
+        if "all-base" in chosen:
+            report("biases, norms and embeddings: θ0 (`--others base`)",
+                   {**row, **{n: base[n] for n, t in base.items() if t.is_floating_point() and not is_flattened(n, t)}})
     elif screen == "alpha-type":
         for a, b in itertools.product(GRID, GRID):
             report(f"attention α {a}, MLP α {b}", scaled(base, at_one, lambda n: a if ".attention." in n else b))
@@ -225,16 +230,18 @@ def main() -> None:
     ap.add_argument("screen", choices=("embeddings", "others", "alpha-type", "alpha-depth", "accumulate"))
     ap.add_argument("--grid", default=",".join(map(str, GRID)),
                     help="accumulate: the α values, comma-separated (default: the row's sweep grid)")
-    ap.add_argument("--variants", default="", help="accumulate: the variants to run, comma-separated (default: all)")
+    ap.add_argument("--variants", default="", help="accumulate, others: the variants to run, comma-separated "
+                                                   "(default: all)")
     ap.add_argument("--orders", type=int, default=1, help="screen over the first N seeded orders (default 1)")
     ap.add_argument("--split", choices=("validation", "test"), default="validation",
                     help="the split the variants are scored on (default validation: where knobs are chosen)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     grid = [float(a) for a in args.grid.split(",")]
-    unknown = set(args.variants.split(",") if args.variants else ()) - set(VARIANTS) - set(OTHERS)
+    known = OTHER_TENSORS if args.screen == "others" else [*VARIANTS, *OTHERS]
+    unknown = set(args.variants.split(",") if args.variants else ()) - set(known)
     if unknown:
-        sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join([*VARIANTS, *OTHERS])}")
+        sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
     torch.set_num_threads(args.threads)
 
     tasks, recipe = load_suite(TASKS), FinetuneRecipe()
