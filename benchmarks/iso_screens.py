@@ -105,12 +105,11 @@ def accumulated(taus: list[torch.Tensor], *, truncate: float | None = None, flat
     """S_T of the projected sum over ``taus`` (float64), with the screened variant. With ``equalise``, each τ_t
     enters as τ_t / ‖τ_t‖ (a zero τ_t as itself) and S_T is scaled by the mean of those norms (a running mean:
     constant memory)."""
+    scale = 1.0
     if equalise is not None:
         norms = [norm_of(tau, equalise) for tau in taus]
         scale = sum(norms) / len(norms)
-        return scale * accumulated([tau / n if n > 0 else tau for tau, n in zip(taus, norms)], truncate=truncate,
-                                   flatten_each=flatten_each, drop_cross_blocks=drop_cross_blocks,
-                                   protect_by_task=protect_by_task)
+        taus = [tau / n if n > 0 else tau for tau, n in zip(taus, norms)]
     acc = None
     for tau in taus:
         if truncate is not None:
@@ -123,7 +122,7 @@ def accumulated(taus: list[torch.Tensor], *, truncate: float | None = None, flat
             acc = acc + project_top(acc, tau, protected_rank(torch.linalg.svdvals(tau), 0.5))
         else:
             acc = acc + opcm_project(acc, tau, 0.5, drop_cross_blocks=drop_cross_blocks)[0]
-    return acc
+    return scale * acc
 
 
 VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options of `accumulated`)
@@ -144,6 +143,11 @@ VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options
 }
 OTHERS = {"dop": dict(solver="exact"), "nufilt": {}}   # methods whose merged update the screen flattens
 OTHER_TENSORS = ["sum-0.2", "sum-0.3", "sum-0.5", "base", "all-base"]   # the others screen's variants
+
+
+def expert_weights(experts: dict, order: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's fine-tuned weights (its expert's safetensors file), by task."""
+    return {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
 
 
 ROW_LABEL = f"the row (α = {ALPHA} everywhere, embeddings averaged)"
@@ -167,8 +171,8 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
 
     if screen == "embeddings":
         names = [n for n in base if n.startswith("embeddings.") and base[n].is_floating_point()]
-        deltas = {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
-        stacked = {n: torch.stack([deltas[t][n] - base[n] for t in order]) for n in names}
+        weights = expert_weights(experts, order)
+        stacked = {n: torch.stack([weights[t][n] - base[n] for t in order]) for n in names}
         variants = {
             "embeddings: θ0 + Σ τ": lambda d: d.sum(0),
             "embeddings: θ0 + Σ τ / 2": lambda d: d.sum(0) / 2,
@@ -180,8 +184,8 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
     elif screen == "others":
         names = [n for n, t in base.items() if t.is_floating_point() and not is_flattened(n, t)
                  and not n.startswith("embeddings.")]
-        deltas = {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
-        summed = {n: sum(deltas[t][n] - base[n] for t in order) for n in names}
+        weights = expert_weights(experts, order)
+        summed = {n: sum(weights[t][n] - base[n] for t in order) for n in names}
         chosen = variants_arg.split(",") if variants_arg else OTHER_TENSORS
         for c in (0.2, 0.3, 0.5):
             if f"sum-{c}" in chosen:
@@ -195,7 +199,7 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
         for a, b in itertools.product(GRID, GRID):
             report(f"attention α {a}, MLP α {b}", scaled(base, at_one, lambda n: a if ".attention." in n else b))
     elif screen == "accumulate":
-        experts_sd = {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
+        weights = expert_weights(experts, order)
         names = [n for n, t in base.items() if is_flattened(n, t)]
         chosen = variants_arg.split(",") if variants_arg else [*VARIANTS, *OTHERS]
         for key in (k for k in chosen if k in VARIANTS):
@@ -204,7 +208,7 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
             keep = options.pop("final_keep", None)
             at_one_v = dict(at_one)
             for n in names:
-                taus = [experts_sd[t][n].double() - base[n].double() for t in order]
+                taus = [weights[t][n].double() - base[n].double() for t in order]
                 acc = accumulated(taus, **options)
                 flat = isotropic(acc, 1.0) if keep is None else flattened_top(acc, keep)
                 at_one_v[n] = base[n] + flat.to(base[n].dtype)
