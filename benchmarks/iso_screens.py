@@ -94,6 +94,17 @@ def flattened_top(s_mat: torch.Tensor, fraction: float) -> torch.Tensor:
     return float(s[:rank].mean()) * (u[:, :k] @ v[:, :k].mT)
 
 
+def reshaped(s_mat: torch.Tensor, power: float = 0.0, level: str = "mean") -> torch.Tensor:
+    """U diag(w) Vᵀ of one matrix over its R nonzero singular pairs, float64, with w ∝ sᵖ at the level of ``level``:
+    "mean" (w's mean s̄, so p = 0 is `isotropic` at α = 1) or "rms" (w's root mean square that of s)."""
+    u, s, v = svd_factors(s_mat.to(torch.float64))
+    rank = numerical_rank(s, rank_rtol(s_mat))
+    u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+    w = s ** power
+    w = w * (s.mean() / w.mean() if level == "mean" else s.square().mean().sqrt() / w.square().mean().sqrt())
+    return (u * w) @ v.mT
+
+
 def norm_of(tau: torch.Tensor, kind: str) -> float:
     """‖τ‖ of the kind a variant equalises: "fro" the Frobenius norm, "top" the largest singular value."""
     return float(torch.linalg.matrix_norm(tau, "fro" if kind == "fro" else 2))
@@ -101,7 +112,8 @@ def norm_of(tau: torch.Tensor, kind: str) -> float:
 
 def accumulated(taus: list[torch.Tensor], *, truncate: float | None = None, flatten_each: bool = False,
                 drop_cross_blocks: bool = False, protect_by_task: bool = False,
-                equalise: str | None = None) -> torch.Tensor:
+                equalise: str | None = None, threshold: float = 0.5,
+                keep_diagonal: bool = False) -> torch.Tensor:
     """S_T of the projected sum over ``taus`` (float64), with the screened variant. With ``equalise``, each τ_t
     enters as τ_t / ‖τ_t‖ (a zero τ_t as itself) and S_T is scaled by the mean of those norms (a running mean:
     constant memory)."""
@@ -119,9 +131,10 @@ def accumulated(taus: list[torch.Tensor], *, truncate: float | None = None, flat
         if acc is None:
             acc = tau
         elif protect_by_task:
-            acc = acc + project_top(acc, tau, protected_rank(torch.linalg.svdvals(tau), 0.5))
+            acc = acc + project_top(acc, tau, protected_rank(torch.linalg.svdvals(tau), threshold))
         else:
-            acc = acc + opcm_project(acc, tau, 0.5, drop_cross_blocks=drop_cross_blocks)[0]
+            acc = acc + opcm_project(acc, tau, threshold, drop_cross_blocks=drop_cross_blocks,
+                                     keep_diagonal=keep_diagonal)[0]
     return scale * acc
 
 
@@ -140,7 +153,13 @@ VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options
     "final-half": ("S_T flattened on its top half of directions only", dict(final_keep=0.5)),
     "final-quarter": ("S_T flattened on its top quarter of directions only", dict(final_keep=0.25)),
     "final-tenth": ("S_T flattened on its top tenth of directions only", dict(final_keep=0.1)),
+    "keep-diagonal": ("projection keeping the diagonal of UᵀXV (OPCM's `--keep-diagonal`)", dict(keep_diagonal=True)),
+    "threshold-0.4": ("OPCM's threshold 0.4 instead of 0.5", dict(threshold=0.4)),
+    "threshold-0.6": ("OPCM's threshold 0.6 instead of 0.5", dict(threshold=0.6)),
+    "rms": ("S_T flattened at the root mean square of its singular values", dict(final_level="rms")),
 }
+VARIANTS.update({f"power{p:g}": (f"S_T's spectrum s^{p:g}, at the mean s̄", dict(final_power=p))
+                 for p in (-0.1, -0.15, -0.2, -0.25, -0.3, -0.35, -0.5, 0.1)})
 OTHERS = {"dop": dict(solver="exact"), "nufilt": {}}   # methods whose merged update the screen flattens
 OTHER_TENSORS = ["sum-0.2", "sum-0.3", "sum-0.5", "base", "all-base"]   # the others screen's variants
 
@@ -206,11 +225,12 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
             label, options = VARIANTS[key]
             options = dict(options)
             keep = options.pop("final_keep", None)
+            power, level = options.pop("final_power", 0.0), options.pop("final_level", "mean")
             at_one_v = dict(at_one)
             for n in names:
                 taus = [weights[t][n].double() - base[n].double() for t in order]
                 acc = accumulated(taus, **options)
-                flat = isotropic(acc, 1.0) if keep is None else flattened_top(acc, keep)
+                flat = flattened_top(acc, keep) if keep is not None else reshaped(acc, power, level)
                 at_one_v[n] = base[n] + flat.to(base[n].dtype)
             for a in grid:
                 report(f"{label}, α {a}", scaled(base, at_one_v, lambda n, a=a: a))

@@ -18,13 +18,18 @@ from cmerge.methods.iso import isotropic, truncated
 F64 = torch.float64
 
 
-def ref_isotropic(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """α · mean(s) · U Vᵀ over the singular values above 1e-10 · s_1 (full LAPACK SVD)."""
+def ref_isotropic(x: torch.Tensor, scale: float, power: float = 0.0) -> torch.Tensor:
+    """α · mean(s) · U Vᵀ over the singular values above 1e-10 · s_1 (full LAPACK SVD); with ``power`` p,
+    α · Σ_i mean(s) · s_iᵖ / mean(sᵖ) · u_i v_iᵀ, one pair at a time."""
     u, s, vh = torch.linalg.svd(x, full_matrices=True)
     if not float(s.max()) > 0:
         return torch.zeros_like(x)
     r = int((s > 1e-10 * s[0]).sum())
-    return scale * s[:r].mean() * (u[:, :r] @ vh[:r])
+    mean_power = sum(float(s[i]) ** power for i in range(r)) / r
+    out = torch.zeros_like(x)
+    for i in range(r):
+        out += scale * float(s[:r].mean()) * float(s[i]) ** power / mean_power * torch.outer(u[:, i], vh[i])
+    return out
 
 
 @pytest.mark.parametrize("shape", [(12, 30), (30, 12), (16, 16)])
@@ -48,6 +53,23 @@ def test_flattening_matches_lapack_and_is_flat(shape, rank):
     assert float((pu @ got @ pv - got).norm()) < 1e-10 * float(got.norm())
 
 
+@pytest.mark.parametrize("power", [-0.2, 0.5])
+@pytest.mark.parametrize("rank", [None, 3])
+def test_reshaped_spectrum_matches_lapack_keeps_the_mean_and_the_order(power, rank):
+    g = torch.Generator().manual_seed(7 + (rank or 0))
+    x = (torch.randn(12, rank, generator=g, dtype=F64) @ torch.randn(rank, 20, generator=g, dtype=F64) if rank
+         else torch.randn(12, 20, generator=g, dtype=F64) * torch.logspace(0, -3, 20, dtype=F64)[:20])
+    got = isotropic(x, 1.3, power)
+    assert float((got - ref_isotropic(x, 1.3, power)).norm() / got.norm()) < 1e-10
+    r = rank or 12
+    s, s_x = torch.linalg.svdvals(got)[:r], torch.linalg.svdvals(x)[:r]
+    assert math.isclose(float(s.mean()), 1.3 * float(s_x.mean()), rel_tol=1e-10)   # the flat rule's mean
+    ratio = torch.sort(s, descending=True).values / torch.sort(s_x ** power, descending=True).values
+    assert torch.allclose(ratio, ratio[0].expand(r), rtol=1e-9)   # s^p up to one factor
+    assert float(torch.linalg.svdvals(got)[r:].abs().sum()) < 1e-10 * float(s.max())   # the null space stays null
+    assert float((isotropic(x, 1.3, 0.0) - isotropic(x, 1.3)).abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 1.0])
 def test_truncation_keeps_the_top_singular_pairs(fraction):
     g = torch.Generator().manual_seed(5)
@@ -57,6 +79,15 @@ def test_truncation_keeps_the_top_singular_pairs(fraction):
     k = math.ceil(fraction * 14)
     s, s_x = torch.linalg.svdvals(got), torch.linalg.svdvals(x)
     assert torch.allclose(s[:k], s_x[:k], rtol=1e-10) and float(s[k:].abs().sum()) < 1e-10 * float(s_x[0])
+
+
+def test_power_changes_the_merge_and_out_of_range_is_refused(models):
+    base, exps = models
+    flat = merge(base, exps, "iso", accumulate="opcm", precision="float64")
+    shaped = merge(base, exps, "iso", accumulate="opcm", power=-0.2, precision="float64")
+    assert helpers.max_rel_err(shaped, flat) > 1e-3
+    with pytest.raises(CmergeError, match="power"):
+        Merger(base, "iso", power=-1.5)
 
 
 def test_keep_changes_the_merge_and_zero_is_refused(models):
@@ -85,10 +116,10 @@ def ref_truncated(x: torch.Tensor, fraction: float) -> torch.Tensor:
     return u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
 
 
-def ref_iso_model(base, exps, scale=1.8, accumulate="sum", protect=0.5, others="average", keep=1.0):
+def ref_iso_model(base, exps, scale=1.8, accumulate="sum", protect=0.5, others="average", keep=1.0, power=0.0):
     """Whole models in float64: S_t the sum (or OPCM's projected sum) of the task vectors (each truncated to
-    its top ⌈keep · r⌉ singular pairs); linear weights α · s̄ · U Vᵀ of S_t, every other tensor the running
-    mean of the task vectors (or θ0)."""
+    its top ⌈keep · r⌉ singular pairs); linear weights α · s̄ · U Vᵀ of S_t (its spectrum reshaped to sᵖ with
+    ``power``), every other tensor the running mean of the task vectors (or θ0)."""
     b = helpers.f64(base)
     acc, mean, out = {}, {}, []
     for t, e in enumerate(exps, start=1):
@@ -103,7 +134,7 @@ def ref_iso_model(base, exps, scale=1.8, accumulate="sum", protect=0.5, others="
                     acc[n] = acc[n] + x
                 else:
                     acc[n] = acc[n] + helpers.ref_project(acc[n], x, protect, rank_rule=True)[0]
-                merged[n] = b[n] + ref_isotropic(acc[n], scale)
+                merged[n] = b[n] + ref_isotropic(acc[n], scale, power)
             else:
                 mean[n] = tau[n] if t == 1 else mean[n] + (tau[n] - mean[n]) / t
                 merged[n] = b[n] + (mean[n] if others == "average" else 0 * mean[n])
@@ -112,8 +143,9 @@ def ref_iso_model(base, exps, scale=1.8, accumulate="sum", protect=0.5, others="
 
 
 @pytest.mark.parametrize("params", [{}, dict(accumulate="opcm", protect=0.3, scale=2.2), dict(others="base", scale=0.7),
-                                    dict(accumulate="opcm", keep=0.3, scale=2.6), dict(keep=0.5)],
-                         ids=["sum", "opcm", "base", "opcm-keep", "sum-keep"])
+                                    dict(accumulate="opcm", keep=0.3, scale=2.6), dict(keep=0.5),
+                                    dict(accumulate="opcm", power=-0.2, scale=3.0)],
+                         ids=["sum", "opcm", "base", "opcm-keep", "sum-keep", "opcm-power"])
 def test_merger_matches_whole_model_reference(models, params):
     base, exps = models
     merger = Merger(base, "iso", precision="float64", **params)
@@ -138,8 +170,9 @@ def low_rank_experts(base, n: int, rank: int, seed: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("params", [dict(accumulate="opcm", keep=0.3, scale=2.6), dict(keep=0.5),
-                                    dict(accumulate="opcm", low_rank=2), dict(low_rank=2)],
-                         ids=["opcm-keep", "sum-keep", "opcm-low-rank", "sum-low-rank"])
+                                    dict(accumulate="opcm", low_rank=2), dict(low_rank=2),
+                                    dict(accumulate="opcm", low_rank=2, power=-0.2, scale=3.0)],
+                         ids=["opcm-keep", "sum-keep", "opcm-low-rank", "sum-low-rank", "opcm-low-rank-power"])
 def test_float32_state_on_rank_deficient_updates_matches_the_float64_reference(models, params):
     """In the default float32 state, a rank-deficient S (truncated task vectors, low-rank experts) is
     flattened over its genuine directions only: its float32 rounding is neither lifted to s̄ by the

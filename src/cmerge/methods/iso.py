@@ -21,7 +21,9 @@ tensor stores M_t only:
   directions a task barely uses are not lifted to full weight by the flattening.
 
 Each linear-layer weight: M_t = α · s̄(S_t) · U Vᵀ over S_t's nonzero singular pairs (a
-rank-deficient S keeps its null space null; on a full-rank S this is Iso-C's rule). Nonzero, in
+rank-deficient S keeps its null space null; on a full-rank S this is Iso-C's rule). With
+``power`` p ≠ 0 the spectrum is reshaped instead of flattened: M_t = α · U diag(w) Vᵀ,
+w_i = s̄ · s_iᵖ / mean_j(s_jᵖ), the same mean singular value (p = 0 is the flat rule). Nonzero, in
 the flattening and in the projection's rank: above `linalg.rank_rtol` of S as stored, so that in
 a float32 state the rounding of a rank-deficient S (LoRA deltas, truncated task vectors) is
 neither lifted to s̄ nor protected as directions. Every other tensor: the running mean of the
@@ -39,17 +41,23 @@ from .base import Method, Param, TensorStep, TensorUpdate
 __all__ = ["Isotropic", "isotropic", "truncated"]
 
 
-def isotropic(s_mat: torch.Tensor, scale: float) -> torch.Tensor:
+def isotropic(s_mat: torch.Tensor, scale: float, power: float = 0.0) -> torch.Tensor:
     """α · s̄ · U Vᵀ of one matrix over its R nonzero singular pairs (s̄ their mean), float64; zero for a zero matrix.
 
-    Nonzero: above `linalg.rank_rtol` of the matrix as given, so a rank-deficient matrix stored in
-    float32 keeps its null space null instead of lifting its rounding to s̄."""
+    With ``power`` p ≠ 0, α · U diag(w) Vᵀ with w_i = s̄ · s_iᵖ / mean_j(s_jᵖ): the same subspaces and
+    the same mean singular value, the spectrum reshaped to sᵖ (p = 0 the flat one; p < 0 weighs S's
+    weaker directions above its stronger ones). Nonzero: above `linalg.rank_rtol` of the matrix as
+    given, so a rank-deficient matrix stored in float32 keeps its null space null instead of
+    lifting its rounding to s̄ (or, for p < 0, above it)."""
     u, s, v = svd_factors(s_mat.to(torch.float64))
     rank = numerical_rank(s, rank_rtol(s_mat))
     if rank == 0:
         return torch.zeros(s_mat.shape, dtype=torch.float64, device=s_mat.device)
     u, s, v = u[:, :rank], s[:rank], v[:, :rank]
-    return (scale * float(s.mean())) * (u @ v.mT)
+    if power == 0.0:
+        return (scale * float(s.mean())) * (u @ v.mT)
+    w = s.pow(power)
+    return (u * (scale * float(s.mean()) * w / w.mean())) @ v.mT
 
 
 def truncated(tau: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -75,6 +83,9 @@ class Isotropic(Method):
               minimum=0.0, maximum=1.0),
         Param("keep", float, 1.0, "the fraction f of each task vector's nonzero singular pairs it enters S with "
               "(its top ⌈f · r⌉; 1 keeps all).", minimum=0.0, maximum=1.0, exclusive_minimum=True),
+        Param("power", float, 0.0, "p: the merged linear weight's singular values are α · s̄ · sᵖ / mean(sᵖ) of the "
+              "accumulated matrix's s (0: flat, Iso-C's rule; p < 0 weighs its weaker directions above its "
+              "stronger ones).", minimum=-1.0, maximum=1.0),
         Param("others", str, "average", "every tensor that is not a linear-layer weight: 'average' the running mean "
               "of the experts, 'base' kept at θ0.", ("average", "base")),
     )
@@ -109,7 +120,7 @@ class Isotropic(Method):
         if s.projected:
             new = self._accumulate(s)
             mats = [new] if new.ndim == 2 else list(new)  # a 3-D stack (MoE): each expert's matrix on its own
-            flat = [isotropic(m, self.p["scale"]).to(new.dtype) for m in mats]
+            flat = [isotropic(m, self.p["scale"], self.p["power"]).to(new.dtype) for m in mats]
             return TensorUpdate({"S": new, "M": flat[0] if new.ndim == 2 else torch.stack(flat)})
         if self.p["others"] == "base":
             return TensorUpdate({"M": torch.zeros_like(s.tau)})
