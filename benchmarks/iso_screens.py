@@ -15,9 +15,11 @@ would report it, without BWT).
 The ``accumulate`` screen replaces the row's S_t = S_{t−1} + P_{S_{t−1}}(τ_t) by variants (each at α 1.8,
 2.2 and 2.6, since most change the scale of S): each τ_t truncated to its top singular directions,
 flattened itself, or scaled to an equal norm before the projection; the projection with its cross
-blocks dropped (the strict reading of Eq. 9), or protecting as many directions of S_{t−1} as τ_t's
-own spectrum needs; S_T flattened on its top directions only; and the flattened merged update of
-DOP's exact minimiser and of NUFILT. Not bench rows (one order, one model); docs/benchmarks.md
+blocks dropped (the strict reading of Eq. 9), keeping the diagonal of UᵀXV, at another threshold, or
+protecting as many directions of S_{t−1} as τ_t's own spectrum needs; S_T flattened on its top
+directions only, or at the root mean square of its singular values instead of their mean, or its
+spectrum reshaped to sᵖ (``power-0.2`` and the like: the method's ``--power``); and the flattened
+merged update of DOP's exact minimiser and of NUFILT. Not bench rows (one order, one model); docs/benchmarks.md
 reports them among the attempts. The merge is linear in α, so one merge at α = 1 serves every
 point of an α grid. Prints one line per variant and order: its mean ACC over the
 tasks; with several orders, then each variant's mean over the orders and its paired difference to
