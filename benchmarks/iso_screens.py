@@ -96,15 +96,12 @@ def flattened_top(s_mat: torch.Tensor, fraction: float) -> torch.Tensor:
     return float(s[:rank].mean()) * (u[:, :k] @ v[:, :k].mT)
 
 
-def reshaped(s_mat: torch.Tensor, power: float = 0.0, level: str = "mean") -> torch.Tensor:
-    """U diag(w) Vᵀ of one matrix over its R nonzero singular pairs, float64, with w ∝ sᵖ at the level of ``level``:
-    "mean" (w's mean s̄, so p = 0 is `isotropic` at α = 1) or "rms" (w's root mean square that of s)."""
-    u, s, v = svd_factors(s_mat.to(torch.float64))
-    rank = numerical_rank(s, rank_rtol(s_mat))
-    u, s, v = u[:, :rank], s[:rank], v[:, :rank]
-    w = s ** power
-    w = w * (s.mean() / w.mean() if level == "mean" else s.square().mean().sqrt() / w.square().mean().sqrt())
-    return (u * w) @ v.mT
+def flattened_rms(s_mat: torch.Tensor) -> torch.Tensor:
+    """`isotropic` at α = 1 with its flat value at the root mean square of the R nonzero singular values instead of
+    their mean s̄, float64."""
+    s = torch.linalg.svdvals(s_mat.to(torch.float64))
+    s = s[:numerical_rank(s, rank_rtol(s_mat))]
+    return isotropic(s_mat, float(s.square().mean().sqrt() / s.mean()) if len(s) else 1.0)
 
 
 def norm_of(tau: torch.Tensor, kind: str) -> float:
@@ -158,7 +155,7 @@ VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options
     "keep-diagonal": ("projection keeping the diagonal of UᵀXV (OPCM's `--keep-diagonal`)", dict(keep_diagonal=True)),
     "threshold-0.4": ("OPCM's threshold 0.4 instead of 0.5", dict(threshold=0.4)),
     "threshold-0.6": ("OPCM's threshold 0.6 instead of 0.5", dict(threshold=0.6)),
-    "rms": ("S_T flattened at the root mean square of its singular values", dict(final_level="rms")),
+    "rms": ("S_T flattened at the root mean square of its singular values", dict(final_rms=True)),
 }
 VARIANTS.update({f"power{p:g}": (f"S_T's spectrum s^{p:g}, at the mean s̄", dict(final_power=p))
                  for p in (-0.1, -0.15, -0.2, -0.25, -0.3, -0.35, -0.5, 0.1)})
@@ -227,12 +224,13 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
             label, options = VARIANTS[key]
             options = dict(options)
             keep = options.pop("final_keep", None)
-            power, level = options.pop("final_power", 0.0), options.pop("final_level", "mean")
+            power, rms = options.pop("final_power", 0.0), options.pop("final_rms", False)
             at_one_v = dict(at_one)
             for n in names:
                 taus = [weights[t][n].double() - base[n].double() for t in order]
                 acc = accumulated(taus, **options)
-                flat = flattened_top(acc, keep) if keep is not None else reshaped(acc, power, level)
+                flat = (flattened_top(acc, keep) if keep is not None else flattened_rms(acc) if rms
+                        else isotropic(acc, 1.0, power))
                 at_one_v[n] = base[n] + flat.to(base[n].dtype)
             for a in grid:
                 report(f"{label}, α {a}", scaled(base, at_one_v, lambda n, a=a: a))
