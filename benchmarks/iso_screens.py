@@ -7,8 +7,9 @@
     python benchmarks/iso_screens.py accumulate          # what is accumulated before the flattening
     python benchmarks/iso_screens.py accumulate --orders 3 --variants tenth --grid 2.2,2.6,3.0,3.4
 
-One merge of the 8-task suite's experts over the first seeded order (the first N with ``--orders N``),
-as the bench's row (α = 2.2 from its validation sweep on 8 tasks, threshold 0.5), then variants of
+One merge of the 8-task suite's experts over the first seeded order (the first N with ``--orders N``;
+``--tasks 14`` the 14-task suite's), as the bench's row (α = 2.2 from its validation sweep on 8 tasks,
+1.8 on 14; threshold 0.5), then variants of
 the final model, each scored on every task's **validation** split: what a knob would be chosen on
 (``--split test`` scores a variant already chosen there on the test split: its final ACC as a row
 would report it, without BWT).
@@ -50,7 +51,8 @@ from cmerge.suites.experts import expert_folders  # noqa: E402
 from cmerge.suites.finetune import FinetuneRecipe  # noqa: E402
 from cmerge.suites.text import TextSuiteEvaluator  # noqa: E402
 
-TASKS, ALPHA, GRID = 8, 2.2, (1.8, 2.2, 2.6)   # the 8-task row's α, chosen on validation
+ROW_ALPHA = {8: 2.2, 14: 1.8}   # the row's α per column, chosen on validation
+TASKS, ALPHA, GRID = 8, ROW_ALPHA[8], (1.8, 2.2, 2.6)   # the column screened (``--tasks``) and its row's α
 
 
 def is_flattened(name: str, t: torch.Tensor) -> bool:
@@ -168,7 +170,7 @@ def expert_weights(experts: dict, order: list[str]) -> dict[str, dict[str, torch
     return {t: load_file(str(experts[t] / WEIGHTS_FILE)) for t in order}
 
 
-ROW_LABEL = f"the row (α = {ALPHA} everywhere, embeddings averaged)"
+ROW_LABEL = "the row (its α everywhere, embeddings averaged)"
 
 
 def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_folder: Path, evaluator,
@@ -260,7 +262,11 @@ def main() -> None:
     ap.add_argument("--split", choices=("validation", "test"), default="validation",
                     help="the split the variants are scored on (default validation: where knobs are chosen)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tasks", type=int, choices=sorted(ROW_ALPHA), default=8,
+                    help="the column screened (default 8); the row runs at that column's α")
     args = ap.parse_args()
+    global TASKS, ALPHA
+    TASKS, ALPHA = args.tasks, ROW_ALPHA[args.tasks]
     grid = [float(a) for a in args.grid.split(",")]
     known = OTHER_TENSORS if args.screen == "others" else [*VARIANTS, *OTHERS]
     unknown = set(args.variants.split(",") if args.variants else ()) - set(known)
