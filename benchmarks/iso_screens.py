@@ -29,6 +29,7 @@ the row's (mean and range over the orders).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import sys
@@ -51,8 +52,8 @@ from cmerge.suites.experts import expert_folders  # noqa: E402
 from cmerge.suites.finetune import FinetuneRecipe  # noqa: E402
 from cmerge.suites.text import TextSuiteEvaluator  # noqa: E402
 
-ROW_ALPHA = {8: 2.2, 14: 1.8}   # the row's α per column, chosen on validation
-TASKS, ALPHA, GRID = 8, ROW_ALPHA[8], (1.8, 2.2, 2.6)   # the column screened (``--tasks``) and its row's α
+ROW_ALPHA = {8: 2.2, 14: 1.8}   # the row's α per column (``--tasks``), chosen on validation
+GRID = (1.8, 2.2, 2.6)
 
 
 def is_flattened(name: str, t: torch.Tensor) -> bool:
@@ -65,13 +66,13 @@ def depth(name: str) -> int | None:
     return int(name.split(".")[2]) if name.startswith("encoder.layer.") else None
 
 
-def scaled(base: dict, merged_at_one: dict, alpha_of) -> dict:
+def scaled(base: dict, merged_at_one: dict, alpha_of, row_alpha: float) -> dict:
     """The final model with each linear weight's merged update at α = alpha_of(name) (the pooler,
     which the suite's mean pooling does not use, at the row's α)."""
     out = dict(merged_at_one)
     for name, t in merged_at_one.items():
         if is_flattened(name, t):
-            out[name] = base[name] + (alpha_of(name) if depth(name) is not None else ALPHA) * (t - base[name])
+            out[name] = base[name] + (alpha_of(name) if depth(name) is not None else row_alpha) * (t - base[name])
     return out
 
 
@@ -139,7 +140,8 @@ def accumulated(taus: list[torch.Tensor], *, truncate: float | None = None, flat
     return scale * acc
 
 
-VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options of `accumulated`)
+VARIANTS = {   # the accumulate screen's variants: key -> (label, options of `accumulated`, and ``final``: the rule
+    # that makes S_T the merged update at α = 1, default `isotropic`)
     "row": ("the row's rule, recomputed here in float64 (a check of this loop)", {}),
     "half": ("τ_t truncated to its top half of directions", dict(truncate=0.5)),
     "quarter": ("τ_t truncated to its top quarter of directions", dict(truncate=0.25)),
@@ -151,15 +153,19 @@ VARIANTS = {   # the accumulate screen's variants of S_t: key -> (label, options
                 dict(protect_by_task=True)),
     "equal-fro": ("τ_t entering at equal Frobenius norm", dict(equalise="fro")),
     "equal-top": ("τ_t entering at equal largest singular value", dict(equalise="top")),
-    "final-half": ("S_T flattened on its top half of directions only", dict(final_keep=0.5)),
-    "final-quarter": ("S_T flattened on its top quarter of directions only", dict(final_keep=0.25)),
-    "final-tenth": ("S_T flattened on its top tenth of directions only", dict(final_keep=0.1)),
+    "final-half": ("S_T flattened on its top half of directions only",
+                   dict(final=functools.partial(flattened_top, fraction=0.5))),
+    "final-quarter": ("S_T flattened on its top quarter of directions only",
+                      dict(final=functools.partial(flattened_top, fraction=0.25))),
+    "final-tenth": ("S_T flattened on its top tenth of directions only",
+                    dict(final=functools.partial(flattened_top, fraction=0.1))),
     "keep-diagonal": ("projection keeping the diagonal of UᵀXV (OPCM's `--keep-diagonal`)", dict(keep_diagonal=True)),
     "threshold-0.4": ("OPCM's threshold 0.4 instead of 0.5", dict(threshold=0.4)),
     "threshold-0.6": ("OPCM's threshold 0.6 instead of 0.5", dict(threshold=0.6)),
-    "rms": ("S_T flattened at the root mean square of its singular values", dict(final_rms=True)),
+    "rms": ("S_T flattened at the root mean square of its singular values", dict(final=flattened_rms)),
 }
-VARIANTS.update({f"power{p:g}": (f"S_T's spectrum s^{p:g}, at the mean s̄", dict(final_power=p))
+VARIANTS.update({f"power{p:g}": (f"S_T's spectrum s^{p:g}, at the mean s̄",
+                                 dict(final=functools.partial(isotropic, scale=1.0, power=p)))
                  for p in (-0.1, -0.15, -0.2, -0.25, -0.3, -0.35, -0.5, 0.1)})
 OTHERS = {"dop": dict(solver="exact"), "nufilt": {}}   # methods whose merged update the screen flattens
 OTHER_TENSORS = ["sum-0.2", "sum-0.3", "sum-0.5", "base", "all-base"]   # the others screen's variants
@@ -174,8 +180,12 @@ ROW_LABEL = "the row (its α everywhere, embeddings averaged)"
 
 
 def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_folder: Path, evaluator,
-                 grid: list[float], variants_arg: str, scores: dict[str, list[float]]) -> None:
-    """One order's screen: the row, then the screen's variants, each line printed and added to ``scores``."""
+                 alpha: float, grid: list[float], variants_arg: str, scores: dict[str, list[float]]) -> None:
+    """One order's screen: the row (at ``alpha``), then the screen's variants, each line printed and added to
+    ``scores``."""
+
+    def at(merged_at_one: dict, alpha_of) -> dict:
+        return scaled(base, merged_at_one, alpha_of, alpha)
 
     def report(label: str, model: dict) -> None:
         accs, _ = score(evaluator, model, order)
@@ -186,7 +196,7 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
     for task in order:
         merger.add(experts[task], name=task)
     at_one = merger.state_dict()
-    row = scaled(base, at_one, lambda name: ALPHA)
+    row = at(at_one, lambda name: alpha)
     report(ROW_LABEL, row)
 
     if screen == "embeddings":
@@ -217,7 +227,7 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
                    {**row, **{n: base[n] for n, t in base.items() if t.is_floating_point() and not is_flattened(n, t)}})
     elif screen == "alpha-type":
         for a, b in itertools.product(GRID, GRID):
-            report(f"attention α {a}, MLP α {b}", scaled(base, at_one, lambda n: a if ".attention." in n else b))
+            report(f"attention α {a}, MLP α {b}", at(at_one, lambda n: a if ".attention." in n else b))
     elif screen == "accumulate":
         weights = expert_weights(experts, order)
         names = [n for n, t in base.items() if is_flattened(n, t)]
@@ -225,17 +235,13 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
         for key in (k for k in chosen if k in VARIANTS):
             label, options = VARIANTS[key]
             options = dict(options)
-            keep = options.pop("final_keep", None)
-            power, rms = options.pop("final_power", 0.0), options.pop("final_rms", False)
+            final = options.pop("final", functools.partial(isotropic, scale=1.0))
             at_one_v = dict(at_one)
             for n in names:
                 taus = [weights[t][n].double() - base[n].double() for t in order]
-                acc = accumulated(taus, **options)
-                flat = (flattened_top(acc, keep) if keep is not None else flattened_rms(acc) if rms
-                        else isotropic(acc, 1.0, power))
-                at_one_v[n] = base[n] + flat.to(base[n].dtype)
+                at_one_v[n] = base[n] + final(accumulated(taus, **options)).to(base[n].dtype)
             for a in grid:
-                report(f"{label}, α {a}", scaled(base, at_one_v, lambda n, a=a: a))
+                report(f"{label}, α {a}", at(at_one_v, lambda n, a=a: a))
         for method in (k for k in chosen if k in OTHERS):
             other = Merger(base_folder, method=method, **OTHERS[method])
             for task in order:
@@ -245,10 +251,10 @@ def screen_order(screen: str, order: list[str], experts: dict, base: dict, base_
                                  for n in names}}
             for a in grid:
                 report(f"{method} {OTHERS[method] or ''}: its merged update flattened, α {a}",
-                       scaled(base, flat, lambda n, a=a: a))
+                       at(flat, lambda n, a=a: a))
     else:
-        for a, b in ((ALPHA, 1.8), (ALPHA, 2.6), (1.8, ALPHA), (2.6, ALPHA)):
-            report(f"layers 0-2 α {a}, layers 3-5 α {b}", scaled(base, at_one, lambda n: a if depth(n) < 3 else b))
+        for a, b in ((alpha, 1.8), (alpha, 2.6), (1.8, alpha), (2.6, alpha)):
+            report(f"layers 0-2 α {a}, layers 3-5 α {b}", at(at_one, lambda n: a if depth(n) < 3 else b))
 
 
 def main() -> None:
@@ -265,8 +271,6 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, choices=sorted(ROW_ALPHA), default=8,
                     help="the column screened (default 8); the row runs at that column's α")
     args = ap.parse_args()
-    global TASKS, ALPHA
-    TASKS, ALPHA = args.tasks, ROW_ALPHA[args.tasks]
     grid = [float(a) for a in args.grid.split(",")]
     known = OTHER_TENSORS if args.screen == "others" else [*VARIANTS, *OTHERS]
     unknown = set(args.variants.split(",") if args.variants else ()) - set(known)
@@ -274,12 +278,12 @@ def main() -> None:
         sys.exit(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
     torch.set_num_threads(args.threads)
 
-    tasks, recipe = load_suite(TASKS), FinetuneRecipe()
+    tasks, recipe = load_suite(args.tasks), FinetuneRecipe()
     backbone, tokenizer, base_folder = load_backbone()
     experts = expert_folders(base_folder, tasks.values(), recipe)
     missing = [t for t, folder in experts.items() if not (folder / WEIGHTS_FILE).is_file()]
     if missing:
-        sys.exit(f"no cached expert for {', '.join(missing)}: run `cmerge bench text --tasks {TASKS}` first.")
+        sys.exit(f"no cached expert for {', '.join(missing)}: run `cmerge bench text --tasks {args.tasks}` first.")
     orders = shuffled_orders(list(tasks), 10, 0)[:args.orders]
     evaluator = TextSuiteEvaluator(backbone, tokenizer, tasks, split=args.split, max_len=recipe.max_len,
                                    logit_scale=recipe.logit_scale)
@@ -287,7 +291,8 @@ def main() -> None:
     scores: dict[str, list[float]] = {}
     for i, order in enumerate(orders, 1):
         print(f"order {i}: {', '.join(order)}", flush=True)
-        screen_order(args.screen, order, experts, base, base_folder, evaluator, grid, args.variants, scores)
+        screen_order(args.screen, order, experts, base, base_folder, evaluator, ROW_ALPHA[args.tasks], grid,
+                     args.variants, scores)
     if len(orders) > 1:
         row = scores[ROW_LABEL]
         print(f"over the first {len(orders)} orders ({args.split}; difference to the row per order):")
